@@ -11,7 +11,7 @@ export MAX_JOBS ?= 2
 
 env:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "torch==$(TORCH_VERSION)"
-	@missing="$$($(PYTHON) tools/missing_packages.py numpy triton pytest hypothesis pytest_benchmark PIL ninja)"; \
+	@missing="$$($(PYTHON) tools/missing_packages.py numpy triton pytest hypothesis pytest_benchmark PIL ninja matplotlib transformers safetensors)"; \
 	if [ -n "$$missing" ]; then echo "installing: $$missing"; $(PYTHON) -m pip install -q $$missing; fi
 
 install: env

@@ -16,6 +16,9 @@ REQUIREMENTS = {
     "pytest_benchmark": "pytest-benchmark",
     "PIL": "pillow",
     "ninja": "ninja",
+    "matplotlib": "matplotlib",
+    "transformers": "transformers",
+    "safetensors": "safetensors",
 }
 
 missing = [REQUIREMENTS[m] for m in sys.argv[1:] if importlib.util.find_spec(m) is None]
