@@ -127,7 +127,12 @@ def cu_seqlens(cu, arg: str) -> int:
 
 
 def should_validate(validate: Optional[bool], *tensors: torch.Tensor) -> bool:
-    """Value checks default to on for CPU tensors and off elsewhere (they sync)."""
+    """Value checks default to on for CPU tensors and off elsewhere (they sync).
+
+    Under torch.compile they are off: a traced graph cannot branch on values.
+    """
+    if torch.compiler.is_compiling():
+        return False
     if validate is not None:
         return bool(validate)
     return all(t.device.type == "cpu" for t in tensors if t is not None)
