@@ -65,7 +65,12 @@ class Impl:
     available: Callable[[], Optional[str]] = lambda: None
     # returns None when this call fits, else why not
     check: Optional[Callable[[CallInfo], Optional[str]]] = None
+    # per-call priority for "auto" (e.g. by head dim); None: ``priority``
+    priority_for_call: Optional[Callable[[CallInfo], int]] = None
     _availability: Optional[tuple[Optional[str]]] = None
+
+    def rank(self, call: CallInfo) -> int:
+        return self.priority if self.priority_for_call is None else self.priority_for_call(call)
 
     def unavailable_reason(self) -> Optional[str]:
         if self._availability is None:
@@ -144,7 +149,7 @@ def resolve(op: str, backend: str, call: CallInfo) -> Impl:
         have = ", ".join(i.name for i in impls) or "none"
         raise BackendUnavailableError(f"setok.{op}: backend '{backend}' has no implementation of this op (has: {have})")
     reasons = []
-    for impl in impls:
+    for impl in sorted(impls, key=lambda i: i.rank(call)):
         reason = impl.decline_reason(call, forced=False)
         if reason is None:
             return impl
@@ -154,4 +159,5 @@ def resolve(op: str, backend: str, call: CallInfo) -> Impl:
 
 def explain(op: str, call: CallInfo) -> list[tuple[str, Optional[str]]]:
     """(backend, None | reason it declines) for each implementation, in auto order."""
-    return [(i.name, i.decline_reason(call, forced=False)) for i in implementations(op)]
+    ranked = sorted(implementations(op), key=lambda i: i.rank(call))
+    return [(i.name, i.decline_reason(call, forced=False)) for i in ranked]

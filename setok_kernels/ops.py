@@ -12,6 +12,7 @@ The ``backend`` string argument is ``""`` for "from the environment"
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -34,6 +35,23 @@ def resolve(op: str, backend: str, t: Tensor, requires_grad: bool = False, **ext
     return _backends.resolve(op, name, CallInfo(t.device, t.dtype, requires_grad, extra))
 
 
+def _exact(fn):
+    """Run an op body in its inputs' own precision.
+
+    Autocast state is thread-local, so without this the torch ops inside a
+    body (reference math, the native wrappers) would be recast by an outer
+    ``torch.autocast`` region; the op's contract (float32 accumulation,
+    output dtype = input dtype) must not depend on the caller's context.
+    """
+
+    @functools.wraps(fn)
+    def body(*args):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*args)
+
+    return body
+
+
 def _dpc_extra(x: Tensor, **kw) -> dict:
     return dict(B=x.shape[0], N=x.shape[1], C=x.shape[2], **kw)
 
@@ -42,6 +60,7 @@ def _dpc_extra(x: Tensor, **kw) -> dict:
 
 
 @torch.library.custom_op("setok::pairwise_distance", mutates_args=())
+@_exact
 def pairwise_distance(x: Tensor, mask: Optional[Tensor], backend: str) -> Tensor:
     return resolve("pairwise_distance", backend, x, **_dpc_extra(x)).fn(x, mask)
 
@@ -53,6 +72,7 @@ def _(x, mask, backend):
 
 
 @torch.library.custom_op("setok::knn_density", mutates_args=())
+@_exact
 def knn_density(x: Tensor, k: int, mask: Optional[Tensor], backend: str) -> Tensor:
     return resolve("knn_density", backend, x, **_dpc_extra(x, k=k)).fn(x, k, mask)
 
@@ -63,6 +83,7 @@ def _(x, k, mask, backend):
 
 
 @torch.library.custom_op("setok::density_delta", mutates_args=())
+@_exact
 def density_delta(x: Tensor, density: Tensor, mask: Optional[Tensor], densest_delta: str, backend: str) -> tuple[Tensor, Tensor]:
     impl = resolve("density_delta", backend, x, **_dpc_extra(x))
     return impl.fn(x, density, mask, densest_delta)
@@ -75,6 +96,7 @@ def _(x, density, mask, densest_delta, backend):
 
 
 @torch.library.custom_op("setok::select_centers", mutates_args=())
+@_exact
 def select_centers(
     score: Tensor, threshold: float, min_clusters: int, max_clusters: int, mask: Optional[Tensor], backend: str
 ) -> tuple[Tensor, Tensor]:
@@ -89,6 +111,7 @@ def _(score, threshold, min_clusters, max_clusters, mask, backend):
 
 
 @torch.library.custom_op("setok::assign_to_centers", mutates_args=())
+@_exact
 def assign_to_centers(x: Tensor, centers: Tensor, num_clusters: Tensor, mask: Optional[Tensor], backend: str) -> Tensor:
     impl = resolve("assign_to_centers", backend, x, **_dpc_extra(x, M=centers.shape[1]))
     return impl.fn(x, centers, num_clusters, mask)
@@ -100,6 +123,7 @@ def _(x, centers, num_clusters, mask, backend):
 
 
 @torch.library.custom_op("setok::dpc_cluster", mutates_args=())
+@_exact
 def dpc_cluster(
     x: Tensor,
     k: int,
@@ -135,6 +159,7 @@ def _(x, k, threshold, min_clusters, max_clusters, mask, densest_delta, backend)
 
 
 @torch.library.custom_op("setok::pack_clusters", mutates_args=())
+@_exact
 def pack_clusters(labels: Tensor, num_clusters: Tensor, max_clusters: int, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     B, N = labels.shape
     impl = resolve("pack_clusters", backend, labels, B=B, N=N, M=max_clusters)
@@ -153,6 +178,7 @@ def _(labels, num_clusters, max_clusters, backend):
 
 
 @torch.library.custom_op("setok::segment_mean", mutates_args=())
+@_exact
 def segment_mean(x: Tensor, cu_seqlens: Tensor, backend: str) -> Tensor:
     impl = resolve("segment_mean", backend, x, S=cu_seqlens.numel() - 1, C=x.shape[1])
     return impl.fn(x, cu_seqlens)
@@ -164,6 +190,7 @@ def _(x, cu_seqlens, backend):
 
 
 @torch.library.custom_op("setok::segment_mean_backward", mutates_args=())
+@_exact
 def segment_mean_backward(grad: Tensor, cu_seqlens: Tensor, num_rows: int, backend: str) -> Tensor:
     impl = resolve("segment_mean_backward", backend, grad, S=grad.shape[0], C=grad.shape[1])
     return impl.fn(grad, cu_seqlens, num_rows)
@@ -201,6 +228,7 @@ def resolve_attention(q, k, max_q, max_k, backend, requires_grad) -> _backends.I
 
 
 @torch.library.custom_op("setok::varlen_attention", mutates_args=())
+@_exact
 def varlen_attention(
     q: Tensor,
     k: Tensor,
@@ -223,6 +251,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, ba
 
 
 @torch.library.custom_op("setok::varlen_attention_backward", mutates_args=())
+@_exact
 def varlen_attention_backward(
     dout: Tensor,
     q: Tensor,

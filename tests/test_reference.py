@@ -18,6 +18,13 @@ from setok_kernels import reference as ref
 from ._oracle import dpc_batch
 
 
+@pytest.fixture(autouse=True)
+def _reference_backend(monkeypatch):
+    """This file checks the reference itself, whatever else is installed."""
+    monkeypatch.setenv("SETOK_BACKEND", "reference")
+    monkeypatch.setenv("SETOK_ATTN_BACKEND", "reference")
+
+
 def mixture(B, N, C, sizes=None, spread=0.05, seed=0, dtype=torch.float64):
     """Gaussian blobs of the given relative sizes, tokens shuffled."""
     g = torch.Generator().manual_seed(seed)
@@ -94,7 +101,7 @@ def test_masked_equals_unmasked_on_real_tokens(densest_delta):
     assert (r.density[~mask] == 0).all()
     for b in range(3):
         real = mask[b].nonzero().flatten()
-        alone = sk.dpc_cluster(x[b : b + 1, real], 4, 0.5, 4, None, densest_delta=densest_delta)
+        alone = sk.dpc_cluster(x[b : b + 1, real], 4, 0.5, 4, None, densest_delta=densest_delta, backend="reference")
         assert torch.equal(r.labels[b, real], alone.labels[0])
         assert torch.equal(r.score[b, real], alone.score[0])
         c = r.centers[b, : r.num_clusters[b]]
@@ -103,8 +110,8 @@ def test_masked_equals_unmasked_on_real_tokens(densest_delta):
 
 def test_float32_matches_float64_clusters():
     x = mixture(2, 80, 16)
-    r64 = sk.dpc_cluster(x, 6, 0.5, 4)
-    r32 = sk.dpc_cluster(x.float(), 6, 0.5, 4)
+    r64 = sk.dpc_cluster(x, 6, 0.5, 4, backend="reference")
+    r32 = sk.dpc_cluster(x.float(), 6, 0.5, 4, backend="reference")
     assert r32.score.dtype == torch.float32
     assert torch.equal(r32.labels, r64.labels)
     torch.testing.assert_close(r32.score.double(), r64.score, rtol=1e-5, atol=1e-6)
@@ -113,8 +120,8 @@ def test_float32_matches_float64_clusters():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_accumulate_in_float32(dtype):
     x = mixture(2, 40, 8, dtype=dtype)
-    r = sk.dpc_cluster(x, 5, 0.5, 4)
-    want = sk.dpc_cluster(x.float(), 5, 0.5, 4)
+    r = sk.dpc_cluster(x, 5, 0.5, 4, backend="reference")
+    want = sk.dpc_cluster(x.float(), 5, 0.5, 4, backend="reference")
     assert r.density.dtype == torch.float32
     for a, b in zip(r, want):
         assert torch.equal(a, b)
@@ -122,9 +129,9 @@ def test_half_inputs_accumulate_in_float32(dtype):
 
 def test_streaming_blocks_equal_single_block(monkeypatch):
     x = mixture(2, 70, 6)
-    whole = sk.dpc_cluster(x, 5, 0.5, 4)
+    whole = sk.dpc_cluster(x, 5, 0.5, 4, backend="reference")
     monkeypatch.setattr(ref, "_BLOCK_ELEMENTS", 70 * 2 * 3)  # three rows per block
-    streamed = sk.dpc_cluster(x, 5, 0.5, 4)
+    streamed = sk.dpc_cluster(x, 5, 0.5, 4, backend="reference")
     for a, b in zip(whole, streamed):
         assert torch.equal(a, b)
 
@@ -195,7 +202,7 @@ def test_deterministic():
 # ---------------------------------------------------------------- invariants
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(
     B=st.integers(1, 3),
     N=st.integers(1, 40),

@@ -1,0 +1,220 @@
+"""SeTokTokenizer: patch features -> a variable number of concept tokens per image, batched."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, fields
+from typing import Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+
+import setok_kernels
+
+from .layers import PositionalEncoding2D, build_encoder
+
+__all__ = ["SeTokConfig", "SeTokOutput", "SeTokTokenizer"]
+
+
+@dataclass
+class SeTokConfig:
+    """Defaults are the SeTok reference's (SPEC.md); ``block`` picks the encoder block.
+
+    ``block="shared_norm"`` is the reference's block (one norm shared by all
+    attention layers, one MLP at the end; needed to load its weights);
+    ``"pre_norm"`` is a standard pre-norm transformer for new models.
+    ``max_clusters`` bounds the tokens per image (None: N, the reference's
+    "no cap"); it also sets the static size ``M`` of the outputs.
+    """
+
+    input_dim: int = 4096
+    hidden_dim: int = 4096
+    token_dim: int = 4096
+    num_heads: int = 2
+    mlp_dim: int = 4096
+    inner_layers: int = 2
+    inter_layers: int = 2
+    dropout: float = 0.0
+    k: int = 64
+    threshold: float = 0.5
+    min_clusters: int = 64
+    max_clusters: Optional[int] = None
+    densest_delta: str = "column_max"
+    block: str = "shared_norm"
+    gradient_checkpointing: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "SeTokConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown SeTokConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class SeTokOutput:
+    """Tokens of a batch, packed with a static layout.
+
+    ``tokens (B*M, D)``: image b's tokens are rows ``cu_tokens[b]:cu_tokens[b+1]``
+    in cluster order; rows past ``cu_tokens[-1]`` are zeros (static shape, no
+    host sync). ``M`` is ``max_tokens`` (``config.max_clusters or N``).
+    """
+
+    tokens: Tensor
+    cu_tokens: Tensor  # (B+1,) int32
+    num_tokens: Tensor  # (B,) int64
+    labels: Tensor  # (B, N) int64, cluster (= token) of each patch, -1 where masked
+    score: Tensor  # (B, N) DPC score
+    max_tokens: int
+
+    def padded(self) -> tuple[Tensor, Tensor]:
+        """``(tokens (B, M, D), key_mask (B, M))``, True for real tokens."""
+        return setok_kernels.pad_segments(self.tokens, self.cu_tokens, self.max_tokens)
+
+
+def square_grid(N: int, grid: Optional[tuple[int, int]]) -> tuple[int, int]:
+    if grid is None:
+        side = math.isqrt(N)
+        if side * side != N:
+            raise ValueError(f"features have N = {N} patches, not a square: pass grid=(h, w)")
+        return side, side
+    h, w = (int(g) for g in grid)
+    if h * w != N:
+        raise ValueError(f"grid {h}x{w} does not match N = {N} patches")
+    return h, w
+
+
+class SeTokTokenizer(nn.Module):
+    """Position embedding -> DPC-kNN -> intra-cluster encoder -> mean -> inter-cluster encoder -> ``out``.
+
+    All clusters of all images go through the intra-cluster encoder as one
+    packed varlen batch, all images' cluster vectors through the
+    inter-cluster encoder as another: no loop over images or clusters, no host
+    sync. Differentiable in the parameters and in ``features``; the
+    clustering is not (it sees detached features).
+    """
+
+    def __init__(self, config: SeTokConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.position_embedding = PositionalEncoding2D(c.input_dim)
+        # the reference has none: its vision features already have the hidden width
+        self.input_proj = nn.Identity() if c.input_dim == c.hidden_dim else nn.Linear(c.input_dim, c.hidden_dim)
+        self.inner_encoder = build_encoder(c.block, c.hidden_dim, c.num_heads, c.mlp_dim, c.inner_layers, c.dropout)
+        self.inter_encoder = build_encoder(c.block, c.hidden_dim, c.num_heads, c.mlp_dim, c.inter_layers, c.dropout)
+        self.out = nn.Linear(c.hidden_dim, c.token_dim)
+        self.set_gradient_checkpointing(c.gradient_checkpointing)
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.config.gradient_checkpointing = enabled
+        self.inner_encoder.gradient_checkpointing = enabled
+        self.inter_encoder.gradient_checkpointing = enabled
+
+    def cluster(self, features: Tensor, mask: Optional[Tensor] = None, grid: Optional[tuple[int, int]] = None):
+        """``(features + position embedding, ClusterResult)``: the clustering alone."""
+        if features.dim() != 3 or features.shape[-1] != self.config.input_dim:
+            raise ValueError(f"features must have shape (B, N, {self.config.input_dim}), got {tuple(features.shape)}")
+        c = self.config
+        x = self.position_embedding(features, square_grid(features.shape[1], grid))
+        clusters = setok_kernels.dpc_cluster(
+            x, c.k, c.threshold, c.min_clusters, c.max_clusters or x.shape[1], mask, c.densest_delta
+        )
+        return x, clusters
+
+    def forward(self, features: Tensor, mask: Optional[Tensor] = None, grid: Optional[tuple[int, int]] = None) -> SeTokOutput:
+        B, N, _ = features.shape
+        M = self.config.max_clusters or N
+        x, clusters = self.cluster(features, mask, grid)
+        packing = setok_kernels.pack_clusters(clusters.labels, clusters.num_clusters, M)
+        # (B*N, hidden): each cluster's tokens contiguous, masked tokens last (in no segment)
+        rows = self.input_proj(x).flatten(0, 1)[packing.perm]
+        rows = self.inner_encoder(rows, packing.cu_seqlens, N)
+        # (B*M, hidden): one vector per cluster, image after image, empty slots last
+        centroids = setok_kernels.segment_mean(rows, packing.cu_seqlens)
+        centroids = self.inter_encoder(centroids, packing.cu_clusters, M)
+        tokens = self.out(centroids)
+        real = torch.arange(B * M, device=tokens.device) < packing.cu_clusters[-1]
+        tokens = torch.where(real[:, None], tokens, torch.zeros((), dtype=tokens.dtype, device=tokens.device))
+        return SeTokOutput(tokens, packing.cu_clusters, clusters.num_clusters, clusters.labels, clusters.score, M)
+
+    # ------------------------------------------------------------ reference weights
+
+    def load_official_state_dict(self, state_dict: Mapping[str, Tensor], prefix: str = "") -> None:
+        """Load weights in the SeTok reference layout (OFFICIAL.md); its vision tower keys are ignored.
+
+        Needs ``block="shared_norm"`` and ``input_dim == hidden_dim``, as in the reference.
+        """
+        if self.config.block != "shared_norm":
+            raise ValueError(f"reference weights need block='shared_norm', this tokenizer has {self.config.block!r}")
+        if self.config.input_dim != self.config.hidden_dim:
+            raise ValueError("reference weights need input_dim == hidden_dim (the reference has no input projection)")
+        own = _from_official_keys(_strip_prefix(state_dict, prefix))
+        if "position_embedding.inv_freq" not in own:
+            # some releases keep it out of the state dict; it is a fixed table anyway
+            own["position_embedding.inv_freq"] = self.position_embedding.inv_freq
+        self.load_state_dict(own, strict=True)
+
+    @classmethod
+    def from_official_state_dict(
+        cls, state_dict: Mapping[str, Tensor], num_heads: int, prefix: str = "", **config_fields
+    ) -> "SeTokTokenizer":
+        """A tokenizer whose dims and depths are read off reference weights; other fields from ``config_fields``.
+
+        Parameters take the dtype of the weights.
+        """
+        sd = _strip_prefix(state_dict, prefix)
+        try:
+            hidden = sd["inner_encoder.norm1.weight"].shape[0]
+            mlp = sd["inner_encoder.mlp.fc1.weight"].shape[0]
+            token_dim = sd["out.weight"].shape[0]
+        except KeyError as exc:
+            raise ValueError(f"not a SeTok reference state dict (prefix {prefix!r}): missing {exc.args[0]}") from None
+        if sd["inter_encoder.mlp.fc1.weight"].shape[0] != mlp:
+            raise ValueError("inner and inter encoders have different MLP widths; SeTokConfig has one mlp_dim")
+        depth = {
+            enc: len({m.group(1) for key in sd if (m := re.fullmatch(rf"{enc}\.layers\.(\d+)\.1\.qkv\.weight", key))})
+            for enc in ("inner_encoder", "inter_encoder")
+        }
+        config = SeTokConfig(
+            **{
+                **dict(input_dim=hidden, hidden_dim=hidden, token_dim=token_dim, num_heads=num_heads, mlp_dim=mlp),
+                **dict(inner_layers=depth["inner_encoder"], inter_layers=depth["inter_encoder"]),
+                **config_fields,
+                "block": "shared_norm",
+            }
+        )
+        # built in the weights' dtype: float64 weights stay exact
+        model = cls(config).to(sd["out.weight"].dtype)
+        model.load_official_state_dict(sd)
+        return model
+
+
+def _strip_prefix(state_dict: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
+
+
+_LAYER_KEY = re.compile(r"(inner_encoder|inter_encoder)\.layers\.(\d+)\.([01])\.(.+)")
+
+
+def _from_official_keys(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Reference key names -> this module's. ``layers.{i}.0`` repeats the shared ``norm1``: checked, dropped."""
+    own = {}
+    for key, value in sd.items():
+        if key.startswith("image_feature_encoder."):
+            continue
+        m = _LAYER_KEY.fullmatch(key)
+        if m is None:
+            own[key] = value
+            continue
+        enc, i, part, rest = m.groups()
+        if part == "1":
+            own[f"{enc}.attn.{i}.{rest}"] = value
+        elif not torch.equal(value, sd.get(f"{enc}.norm1.{rest}", value.new_empty(0))):
+            raise ValueError(f"{key} differs from {enc}.norm1.{rest}: the reference shares one norm1")
+    return own
