@@ -24,6 +24,7 @@ demo: install
 	$(PYTHON) -m setok_model.cli tokenize --out setok-out
 
 bench: install
+	@mkdir -p bench-out
 	$(PYTHON) -m pytest benchmarks --benchmark-only --benchmark-json=bench-out/bench.json $(PYTEST_ARGS)
 	$(PYTHON) benchmarks/report.py bench-out/bench.json --out bench-out
 

@@ -1,0 +1,109 @@
+"""Group ``dpc``: DPC-kNN clustering, setok backends against the ways without setok.
+
+Work counted for the floor: two passes over all token pairs (density, then
+delta; each ``2 C`` FLOPs per pair as a matmul would do it), the assignment
+to the centres (``2 C`` per token and centre), and reading the features once.
+
+Also the memory claim (``--run-memory``): peak RSS of a fresh process that
+clusters one image of 16,384 tokens x 256 dims, streaming reference against
+the ``cdist`` version (see ``peak_rss.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import setok_kernels as sk
+
+from . import baselines as bl
+
+THRESHOLD = 0.5
+
+# (id, B, N, C, k, min_clusters)
+CUDA_CASES = [("B32-N729-C1152", 32, 729, 1152, 64, 64), ("B1-N16384-C256", 1, 16384, 256, 64, 64)]
+CPU_CASES = [("B4-N576-C256", 4, 576, 256, 16, 16), ("B1-N2048-C64", 1, 2048, 64, 16, 16)]
+
+SETOK = ("native", "triton", "reference")
+BASELINES = {
+    "torch_batched": bl.dpc_batched,
+    "per_image_loop": bl.dpc_per_image,
+    "keops": bl.dpc_keops,
+}
+
+
+def _inputs(device, dtype, B, N, C):
+    from .conftest import pool_size
+
+    gen = torch.Generator().manual_seed(B * N + C)
+    count = pool_size(B * N * C * torch.finfo(dtype).bits // 8)
+    return [(torch.randn(B, N, C, generator=gen).to(device, dtype),) for _ in range(count)]
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_clusters(case, device, dtype) -> int:
+    name, B, N, C, k, min_clusters = case
+    x = _inputs(device, dtype, B, N, C)[0][0]
+    return int(sk.dpc_cluster(x, k=k, threshold=THRESHOLD, min_clusters=min_clusters, backend="reference", validate=False).num_clusters.sum())
+
+
+def _work(B, N, C, num_clusters, dtype):
+    flops = 2 * (2 * B * N * N * C) + 2 * N * C * num_clusters
+    return flops, B * N * C * torch.finfo(dtype).bits // 8
+
+
+@pytest.mark.parametrize("impl", SETOK + tuple(BASELINES))
+def test_dpc_cluster(measure, benchmark, device, dtype, case, impl):
+    benchmark.group = "dpc"
+    name, B, N, C, k, min_clusters = case
+    if impl == "triton" and device.type != "cuda":
+        pytest.skip("the Triton interpreter is for tests, not timings")
+    if impl == "keops":
+        reason = bl.keops_available()
+        if reason:
+            pytest.skip(reason)
+        if benchmark.disabled:
+            pytest.skip("KeOps compiles each formula on first use (minutes): not in smoke runs")
+    pool = _inputs(device, dtype, B, N, C)
+    flops, nbytes = _work(B, N, C, _reference_clusters(case, device, dtype), dtype)
+    if impl in SETOK:
+        def fn(x):
+            return sk.dpc_cluster(x, k=k, threshold=THRESHOLD, min_clusters=min_clusters, backend=impl, validate=False)
+        role = "setok"
+    else:
+        baseline = BASELINES[impl]
+
+        def fn(x):
+            return baseline(x, k, THRESHOLD, min_clusters)
+        role = "baseline"
+    measure(fn, pool, impl=impl, case=name, role=role, flops=flops, bytes=nbytes,
+            shape=dict(B=B, N=N, C=C, k=k, min_clusters=min_clusters, dtype=str(dtype)[6:]))
+
+
+# ------------------------------------------------------------------ memory
+
+
+@pytest.mark.memory
+@pytest.mark.parametrize("impl", ["reference", "torch_batched"])
+def test_peak_rss_16k_tokens(benchmark, impl):
+    """Whole-process peak RSS clustering one image of 16,384 x 256 on the CPU."""
+    benchmark.group = "dpc-memory"
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, str(root / "benchmarks" / "peak_rss.py"), "--impl", impl, "--n", "16384", "--c", "256", "--k", "64"]
+
+    def run():
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    result = benchmark.pedantic(run, rounds=1, iterations=1)
+    benchmark.extra_info.update(result, impl=impl, case="B1-N16384-C256", role="setok" if impl == "reference" else "baseline")
+    if impl == "reference":
+        assert result["peak_rss_bytes"] < 1 << 30, f"peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB >= 1 GiB"

@@ -1,0 +1,51 @@
+"""Group ``tokenizer``: SeTok tokenizer forward, end to end (eval, no grad).
+
+``setok_model.SeTokTokenizer`` (batched, packed, no host sync) against the
+reference's way (``tests/_official_loop.official_tokenize``: one image and
+one cluster at a time), both from the same reference-layout weights.
+
+Work counted for the floor (dominant terms): the two DPC passes over all
+token pairs, and the encoders' linear layers on every token (the inter-cluster
+encoder and the attention scores, on far fewer rows, are left out).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .conftest import pool_size
+
+# (id, B, N, dim, heads, mlp, k, min_clusters)
+CUDA_CASES = [("B32-N729-C1152", 32, 729, 1152, 2, 4096, 64, 64)]
+CPU_CASES = [("B2-N576-C256", 2, 576, 256, 2, 512, 16, 16)]
+LAYERS = 2  # inner and inter depth, as in the reference
+
+
+@pytest.mark.parametrize("impl", ["setok", "official_loop"])
+def test_tokenizer_forward(measure, benchmark, device, dtype, case, impl):
+    benchmark.group = "tokenizer"
+    name, B, N, dim, heads, mlp, k, min_clusters = case
+    try:
+        from setok_model import SeTokTokenizer
+        from tests._official_loop import official_tokenize, random_official_state_dict
+    except ImportError as exc:
+        pytest.skip(f"setok_model or the reference loop is not importable: {exc}")
+    weights = random_official_state_dict(dim, mlp, LAYERS, LAYERS, dtype=torch.float32)
+    weights = {key: w.to(device, dtype) if key != "position_embedding.inv_freq" else w for key, w in weights.items()}
+    gen = torch.Generator().manual_seed(N)
+    elt = torch.finfo(dtype).bits // 8
+    pool = [(torch.randn(B, N, dim, generator=gen).to(device, dtype),) for _ in range(pool_size(B * N * dim * elt))]
+    if impl == "setok":
+        model = SeTokTokenizer.from_official_state_dict(weights, num_heads=heads, k=k, min_clusters=min_clusters).to(device).eval()
+
+        @torch.no_grad()
+        def fn(x):
+            return model(x)
+    else:
+        def fn(x):
+            return official_tokenize(weights, x, heads, k=k, min_clusters=min_clusters)
+
+    flops = 4 * B * N * N * dim + 2 * B * N * (LAYERS * 4 * dim * dim + 2 * dim * mlp)
+    measure(fn, pool, impl=impl, case=name, role="setok" if impl == "setok" else "baseline", flops=flops,
+            bytes=B * N * dim * elt, shape=dict(B=B, N=N, dim=dim, heads=heads, mlp=mlp, k=k, dtype=str(dtype)[6:]))
