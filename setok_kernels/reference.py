@@ -264,8 +264,10 @@ def _attention_buckets(cu_q, cu_k):
     lq = (cu_q[1:] - cu_q[:-1]).to(torch.int64)
     lk = (cu_k[1:] - cu_k[:-1]).to(torch.int64)
 
-    def log2_ceil(n):
-        return torch.ceil(torch.log2(n.clamp(min=1).to(torch.float64))).to(torch.int64)
+    powers = torch.pow(2, torch.arange(63, device=lq.device, dtype=torch.int64))
+
+    def log2_ceil(n):  # integer ceil(log2(n)): index of the first power of two >= n
+        return torch.searchsorted(powers, n.clamp(min=1))
 
     live = lq > 0
     eq, ek = log2_ceil(lq), log2_ceil(lk)
@@ -288,17 +290,18 @@ def _gather_padded(x, starts, lengths, width):
 
 def _varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale):
     Tq, H, D = q.shape
-    acc = acc_dtype(q.dtype)
+    dtype, acc = q.dtype, acc_dtype(q.dtype)
     out = torch.zeros(Tq, H, D, dtype=acc, device=q.device)
     lse = torch.full((H, Tq), -math.inf, dtype=torch.float32, device=q.device)
     if cu_q.numel() < 2 or Tq == 0 or k.shape[0] == 0:
-        return out.to(q.dtype), lse
+        return out.to(dtype), lse
     lq, lk, groups = _attention_buckets(cu_q, cu_k)
     cu_q, cu_k = cu_q.to(torch.int64), cu_k.to(torch.int64)
+    q, k, v = q.to(acc), k.to(acc), v.to(acc)
     for segs, wq, wk in groups:
-        qs, qi, qok = _gather_padded(q.to(acc), cu_q[segs], lq[segs], wq)
-        ks, _, kok = _gather_padded(k.to(acc), cu_k[segs], lk[segs], wk)
-        vs, _, _ = _gather_padded(v.to(acc), cu_k[segs], lk[segs], wk)
+        qs, qi, qok = _gather_padded(q, cu_q[segs], lq[segs], wq)
+        ks, _, kok = _gather_padded(k, cu_k[segs], lk[segs], wk)
+        vs, _, _ = _gather_padded(v, cu_k[segs], lk[segs], wk)
         s = torch.einsum("gqhd,gkhd->ghqk", qs, ks) * scale
         s = s.masked_fill(~kok[:, None, None, :], -math.inf)
         m = s.amax(-1, keepdim=True).clamp(min=torch.finfo(acc).min)  # all-masked rows: no NaN
@@ -309,25 +312,26 @@ def _varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale):
         rows = qi[qok]
         out[rows] = o[qok]
         lse[:, rows] = row_lse.permute(1, 0, 2)[:, qok].to(torch.float32)
-    return out.to(q.dtype), lse
+    return out.to(dtype), lse
 
 
 def _varlen_attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale):
     """Gradients from the saved log-sum-exp: P = exp(S - lse), dS = P * (dP - rowsum(dO * O))."""
-    acc = acc_dtype(q.dtype)
+    dtype, acc = q.dtype, acc_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
     if cu_q.numel() < 2 or q.shape[0] == 0 or k.shape[0] == 0:
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        return dq.to(dtype), dk.to(dtype), dv.to(dtype)
     lq, lk, groups = _attention_buckets(cu_q, cu_k)
     cu_q, cu_k = cu_q.to(torch.int64), cu_k.to(torch.int64)
-    delta = (dout.to(acc) * out.to(acc)).sum(-1)  # (Tq, H)
+    q, k, v, dout = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
+    delta = (dout * out.to(acc)).sum(-1)  # (Tq, H)
     for segs, wq, wk in groups:
-        qs, qi, qok = _gather_padded(q.to(acc), cu_q[segs], lq[segs], wq)
-        dos, _, _ = _gather_padded(dout.to(acc), cu_q[segs], lq[segs], wq)
-        ks, ki, kok = _gather_padded(k.to(acc), cu_k[segs], lk[segs], wk)
-        vs, _, _ = _gather_padded(v.to(acc), cu_k[segs], lk[segs], wk)
+        qs, qi, qok = _gather_padded(q, cu_q[segs], lq[segs], wq)
+        dos, _, _ = _gather_padded(dout, cu_q[segs], lq[segs], wq)
+        ks, ki, kok = _gather_padded(k, cu_k[segs], lk[segs], wk)
+        vs, _, _ = _gather_padded(v, cu_k[segs], lk[segs], wk)
         safe_qi = torch.where(qok, qi, 0)
         row_lse = lse.to(acc)[:, safe_qi].permute(1, 0, 2)  # (G, H, wq)
         row_delta = delta[safe_qi].permute(0, 2, 1)  # (G, H, wq)
@@ -339,7 +343,7 @@ def _varlen_attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k
         dq.index_put_((qi[qok],), torch.einsum("ghqk,gkhd->gqhd", ds, ks)[qok] * scale, accumulate=True)
         dk.index_put_((ki[kok],), torch.einsum("ghqk,gqhd->gkhd", ds, qs)[kok] * scale, accumulate=True)
         dv.index_put_((ki[kok],), torch.einsum("ghqk,gqhd->gkhd", p, dos)[kok], accumulate=True)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq.to(dtype), dk.to(dtype), dv.to(dtype)
 
 
 # ------------------------------------------------------------ pad / unpad
