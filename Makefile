@@ -17,7 +17,12 @@ env:
 install: env
 	$(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
 
+# The CUDA compile check runs where nvcc exists; the benchmark smoke runs
+# every benchmark once (--benchmark-disable); the test suite runs last.
 test: install
+	@if command -v nvcc >/dev/null 2>&1 || [ -n "$$CUDA_HOME" ]; then $(PYTHON) tools/check_cuda.py; \
+	else echo "check-cuda: no nvcc here, CUDA sources not compiled"; fi
+	$(PYTHON) -m pytest benchmarks --benchmark-disable -q -p no:cacheprovider
 	$(PYTHON) -m pytest tests $(PYTEST_ARGS)
 
 demo: install

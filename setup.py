@@ -40,15 +40,18 @@ def _extensions():
     if not cpp and not cuda:
         return [], {}
     debug = os.environ.get("SETOK_DEBUG", "0") == "1"
-    cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-std=c++17", "-fopenmp", "-DPy_LIMITED_API=0x03090000"]
+    cxx = ["-O0", "-g"] if debug else ["-O3", "-g0"]  # -g0: python's CFLAGS carry -g
+    # no -std: torch's BuildExtension adds the standard its headers need
+    # (C++17 up to torch 2.9, C++20 after); with py_limited_api it also
+    # defines Py_LIMITED_API (the sources include no Python header anyway)
+    cxx += ["-fopenmp"]
     extra = {"cxx": cxx}
     kwargs = dict(extra_link_args=["-fopenmp"], py_limited_api=True)
 
     with_cuda = bool(torch.version.cuda) and cpp_extension.CUDA_HOME is not None and bool(cuda)
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "-DSETOK_WITH_CUDA"]
+        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DSETOK_WITH_CUDA"]
         extra["cxx"].append("-DSETOK_WITH_CUDA")
         ext = cpp_extension.CUDAExtension("setok_kernels._C", cpp + cuda, extra_compile_args=extra, **kwargs)
     else:

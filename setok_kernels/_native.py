@@ -1,0 +1,220 @@
+"""The compiled extension ``setok_kernels._C`` as the ``native`` backend.
+
+Schemas and fake (meta) implementations of the internal ``setok::native_*``
+ops live here; the library built from csrc/ only registers their CPU and
+CUDA kernels. A missing or stale library is a warning, never an import
+error: the ``native`` implementations then register with the reason they
+cannot run.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import warnings
+from typing import Optional
+
+import torch
+
+from ._backends import Impl, register
+from .reference import acc_dtype
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INDICES = (torch.int64, torch.int32)
+
+_SCHEMAS = {
+    "native_knn_density": "(Tensor x, int k, Tensor? mask) -> Tensor",
+    "native_density_delta": "(Tensor x, Tensor density, Tensor? mask, bool column_max) -> (Tensor, Tensor)",
+    "native_select_centers": (
+        "(Tensor score, Tensor? mask, float threshold, int min_clusters, int max_clusters) -> (Tensor, Tensor)"
+    ),
+    "native_assign_to_centers": "(Tensor x, Tensor centers, Tensor num_clusters, Tensor? mask) -> Tensor",
+    "native_dpc_cluster": (
+        "(Tensor x, int k, float threshold, int min_clusters, int max_clusters, Tensor? mask, bool column_max)"
+        " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "native_pack_clusters": "(Tensor labels, Tensor num_clusters, int max_clusters) -> (Tensor, Tensor, Tensor, Tensor)",
+    "native_segment_mean": "(Tensor x, Tensor cu_seqlens) -> Tensor",
+    "native_segment_mean_backward": "(Tensor grad, Tensor cu_seqlens, int num_rows) -> Tensor",
+    "native_build_info": "() -> str",
+}
+
+for _name, _schema in _SCHEMAS.items():
+    torch.library.define(f"setok::{_name}", _schema)
+
+
+def _fake(name):
+    return torch.library.register_fake(f"setok::{name}")
+
+
+@_fake("native_knn_density")
+def _(x, k, mask):
+    return x.new_empty(x.shape[:2], dtype=acc_dtype(x.dtype))
+
+
+@_fake("native_density_delta")
+def _(x, density, mask, column_max):
+    return x.new_empty(x.shape[:2], dtype=acc_dtype(x.dtype)), x.new_empty(x.shape[:2], dtype=torch.int64)
+
+
+@_fake("native_select_centers")
+def _(score, mask, threshold, min_clusters, max_clusters):
+    B = score.shape[0]
+    return score.new_empty(B, max_clusters, dtype=torch.int64), score.new_empty(B, dtype=torch.int64)
+
+
+@_fake("native_assign_to_centers")
+def _(x, centers, num_clusters, mask):
+    return x.new_empty(x.shape[:2], dtype=torch.int64)
+
+
+@_fake("native_dpc_cluster")
+def _(x, k, threshold, min_clusters, max_clusters, mask, column_max):
+    B, N, _ = x.shape
+    acc = acc_dtype(x.dtype)
+    per_token = [x.new_empty(B, N, dtype=acc) for _ in range(3)]
+    return (
+        x.new_empty(B, N, dtype=torch.int64),
+        x.new_empty(B, dtype=torch.int64),
+        x.new_empty(B, max_clusters, dtype=torch.int64),
+        *per_token,
+        x.new_empty(B, N, dtype=torch.int64),
+    )
+
+
+@_fake("native_pack_clusters")
+def _(labels, num_clusters, max_clusters):
+    B, N = labels.shape
+    return (
+        labels.new_empty(B * N, dtype=torch.int64),
+        labels.new_empty(B * max_clusters + 1, dtype=torch.int32),
+        labels.new_empty(B + 1, dtype=torch.int32),
+        labels.new_empty((), dtype=torch.int64),
+    )
+
+
+@_fake("native_segment_mean")
+def _(x, cu_seqlens):
+    return x.new_empty(cu_seqlens.shape[0] - 1, x.shape[1])
+
+
+@_fake("native_segment_mean_backward")
+def _(grad, cu_seqlens, num_rows):
+    return grad.new_empty(num_rows, grad.shape[1])
+
+
+# ------------------------------------------------------------------ loading
+
+
+def _library_path() -> Optional[str]:
+    found = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "_C*.so")))
+    return found[0] if found else None
+
+
+def _base_version(version: str) -> str:
+    return version.split("+")[0]
+
+
+def _load() -> tuple[Optional[str], Optional[str], dict]:
+    """(path, None | why the library is unusable, its build facts)."""
+    path = _library_path()
+    if path is None:
+        return None, "compiled library setok_kernels._C not built (pip install --no-build-isolation -e .)", {}
+    try:
+        torch.ops.load_library(path)
+        facts = dict(item.split("=", 1) for item in torch.ops.setok.native_build_info().split(";"))
+    except (OSError, RuntimeError) as exc:
+        return path, f"compiled library {os.path.basename(path)} failed to load (stale build?): {exc}", {}
+    built, running = facts.get("torch", "?"), _base_version(torch.__version__)
+    if built != running:
+        return path, f"compiled library built for torch {built}, running torch {running}: rebuild it", facts
+    return path, None, facts
+
+
+_PATH, _UNAVAILABLE, _FACTS = _load()
+if _UNAVAILABLE is not None:
+    warnings.warn(f"setok_kernels: native backend disabled: {_UNAVAILABLE}", RuntimeWarning, stacklevel=2)
+
+
+def _devices(name: str) -> tuple[str, ...]:
+    if _UNAVAILABLE is not None:
+        return ("cpu",)
+    op = f"setok::{name}"
+    keys = (("cpu", "CPU"), ("cuda", "CUDA"))
+    return tuple(dev for dev, key in keys if torch._C._dispatch_has_kernel_for_dispatch_key(op, key))
+
+
+def build_info() -> dict:
+    """What ``python -m setok_kernels.info`` reports about the compiled library."""
+    ops = {op: list(_devices(f"native_{op}")) for op in _IMPLS} if _UNAVAILABLE is None else {}
+    return {
+        "loaded": _UNAVAILABLE is None,
+        "path": _PATH,
+        "reason": _UNAVAILABLE,
+        "built_for_torch": _FACTS.get("torch"),
+        "with_cuda": _FACTS.get("cuda") == "1",
+        "openmp": _FACTS.get("openmp") == "1",
+        "threads": torch.get_num_threads(),
+        "ops": ops,
+    }
+
+
+# ------------------------------------------------------------------ backend
+
+
+def _knn_density(x, k, mask):
+    return torch.ops.setok.native_knn_density(x, k, mask)
+
+
+def _density_delta(x, density, mask, densest_delta):
+    return torch.ops.setok.native_density_delta(x, density, mask, densest_delta == "column_max")
+
+
+def _select_centers(score, mask, threshold, min_clusters, max_clusters):
+    return torch.ops.setok.native_select_centers(score, mask, threshold, min_clusters, max_clusters)
+
+
+def _assign_to_centers(x, centers, num_clusters, mask):
+    return torch.ops.setok.native_assign_to_centers(x, centers, num_clusters, mask)
+
+
+def _dpc_cluster(x, k, threshold, min_clusters, max_clusters, mask, densest_delta):
+    return torch.ops.setok.native_dpc_cluster(x, k, threshold, min_clusters, max_clusters, mask, densest_delta == "column_max")
+
+
+def _pack_clusters(labels, num_clusters, max_clusters):
+    return torch.ops.setok.native_pack_clusters(labels, num_clusters, max_clusters)
+
+
+def _segment_mean(x, cu_seqlens):
+    return torch.ops.setok.native_segment_mean(x, cu_seqlens)
+
+
+def _segment_mean_backward(grad, cu_seqlens, num_rows):
+    return torch.ops.setok.native_segment_mean_backward(grad, cu_seqlens, num_rows)
+
+
+_IMPLS = {
+    "knn_density": (_knn_density, _FLOATS),
+    "density_delta": (_density_delta, _FLOATS),
+    "select_centers": (_select_centers, _FLOATS),
+    "assign_to_centers": (_assign_to_centers, _FLOATS),
+    "dpc_cluster": (_dpc_cluster, _FLOATS),
+    "pack_clusters": (_pack_clusters, _INDICES),
+    "segment_mean": (_segment_mean, _FLOATS),
+    "segment_mean_backward": (_segment_mean_backward, _FLOATS),
+}
+
+for _op, (_fn, _dtypes) in _IMPLS.items():
+    # ahead of the reference (100) under "auto" wherever the library has a kernel
+    register(
+        Impl(
+            op=_op,
+            name="native",
+            fn=_fn,
+            priority=20,
+            devices=_devices(f"native_{_op}"),
+            dtypes=_dtypes,
+            available=lambda: _UNAVAILABLE,
+        )
+    )
