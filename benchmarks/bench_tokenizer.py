@@ -18,7 +18,8 @@ from .conftest import pool_size
 
 # (id, B, N, dim, heads, mlp, k, min_clusters)
 CUDA_CASES = [("B32-N729-C1152", 32, 729, 1152, 2, 4096, 64, 64)]
-CPU_CASES = [("B2-N576-C256", 2, 576, 256, 2, 512, 16, 16)]
+# the CPU goal of issue 6: B=4, N=576, dim 256, reference clustering defaults
+CPU_CASES = [("B4-N576-C256", 4, 576, 256, 2, 256, 64, 64)]
 LAYERS = 2  # inner and inter depth, as in the reference
 
 
@@ -49,3 +50,29 @@ def test_tokenizer_forward(measure, benchmark, device, dtype, case, impl):
     flops = 4 * B * N * N * dim + 2 * B * N * (LAYERS * 4 * dim * dim + 2 * dim * mlp)
     measure(fn, pool, impl=impl, case=name, role="setok" if impl == "setok" else "baseline", flops=flops,
             bytes=B * N * dim * elt, shape=dict(B=B, N=N, dim=dim, heads=heads, mlp=mlp, k=k, dtype=str(dtype)[6:]))
+
+
+def test_tokenizer_forward_backward(measure, benchmark, device, dtype, case):
+    """Training step cost: forward + backward through the encoders (the clustering has no gradient)."""
+    benchmark.group = "tokenizer-train"
+    name, B, N, dim, heads, mlp, k, min_clusters = case
+    try:
+        from setok_model import SeTokTokenizer
+        from tests._official_loop import random_official_state_dict
+    except ImportError as exc:
+        pytest.skip(f"setok_model is not importable: {exc}")
+    weights = random_official_state_dict(dim, mlp, LAYERS, LAYERS, dtype=torch.float32)
+    model = SeTokTokenizer.from_official_state_dict(weights, num_heads=heads, k=k, min_clusters=min_clusters)
+    model = model.to(device, dtype).train()
+    gen = torch.Generator().manual_seed(N)
+    elt = torch.finfo(dtype).bits // 8
+    pool = [(torch.randn(B, N, dim, generator=gen).to(device, dtype),) for _ in range(pool_size(B * N * dim * elt))]
+
+    def fn(x):
+        out = model(x.requires_grad_())
+        out.tokens.float().square().mean().backward()
+        return out
+
+    flops = 3 * (4 * B * N * N * dim // 3 + 2 * B * N * (LAYERS * 4 * dim * dim + 2 * dim * mlp))
+    measure(fn, pool, impl="setok", case=name, role="setok", flops=flops, bytes=B * N * dim * elt,
+            shape=dict(B=B, N=N, dim=dim, heads=heads, mlp=mlp, k=k, dtype=str(dtype)[6:]))

@@ -255,7 +255,7 @@ def _segment_mean_backward(grad, cu_seqlens, T):
 
 
 def _attention_buckets(cu_q, cu_k):
-    """Group segments whose (padded q length, padded k length) match.
+    """Group the segments that have queries and keys by (padded q length, padded k length).
 
     Lengths are padded to powers of two, so at most log2(max_q) * log2(max_k)
     groups run, whatever the number of segments. Building the groups reads
@@ -263,87 +263,88 @@ def _attention_buckets(cu_q, cu_k):
     """
     lq = (cu_q[1:] - cu_q[:-1]).to(torch.int64)
     lk = (cu_k[1:] - cu_k[:-1]).to(torch.int64)
-
     powers = torch.pow(2, torch.arange(63, device=lq.device, dtype=torch.int64))
 
     def log2_ceil(n):  # integer ceil(log2(n)): index of the first power of two >= n
         return torch.searchsorted(powers, n.clamp(min=1))
 
-    live = lq > 0
-    eq, ek = log2_ceil(lq), log2_ceil(lk)
-    key = eq * 64 + ek
-    groups = []
-    for g in torch.unique(key[live]).tolist():
-        segs = ((key == g) & live).nonzero().flatten()
-        groups.append((segs, 1 << int(eq[segs[0]]), 1 << int(ek[segs[0]])))
+    # a segment without queries or without keys contributes nothing (output 0)
+    key = torch.where((lq > 0) & (lk > 0), log2_ceil(lq) * 64 + log2_ceil(lk), -1)
+    order = torch.argsort(key, stable=True)
+    values, counts = torch.unique_consecutive(key[order], return_counts=True)
+    groups, start = [], 0
+    for g, n in zip(values.tolist(), counts.tolist()):
+        if g >= 0:
+            groups.append((order[start : start + n], 1 << (g // 64), 1 << (g % 64)))
+        start += n
     return lq, lk, groups
 
 
-def _gather_padded(x, starts, lengths, width):
-    """(G, width, H, D) rows ``starts + i`` for ``i < lengths``, zeros past them."""
-    i = torch.arange(width, device=x.device)
-    idx = starts[:, None] + i[None, :]
-    ok = i[None, :] < lengths[:, None]
-    rows = x[torch.where(ok, idx, 0).clamp(max=max(x.shape[0] - 1, 0))]
-    return torch.where(ok[:, :, None, None], rows, 0), idx, ok
+def _padded_rows(starts, lengths, width):
+    """Row indices ``(G, width)`` of each segment padded to ``width``, and which are real.
+
+    Padding repeats the segment's last row, so padded positions read finite
+    data of the same segment (never another segment's NaN) and are masked.
+    """
+    i = torch.arange(width, device=starts.device)
+    real = i[None, :] < lengths[:, None]
+    rows = starts[:, None] + torch.minimum(i[None, :], lengths[:, None] - 1)
+    return rows, real
 
 
 def _varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale):
     Tq, H, D = q.shape
     dtype, acc = q.dtype, acc_dtype(q.dtype)
-    out = torch.zeros(Tq, H, D, dtype=acc, device=q.device)
-    lse = torch.full((H, Tq), -math.inf, dtype=torch.float32, device=q.device)
-    if cu_q.numel() < 2 or Tq == 0 or k.shape[0] == 0:
-        return out.to(dtype), lse
-    lq, lk, groups = _attention_buckets(cu_q, cu_k)
-    cu_q, cu_k = cu_q.to(torch.int64), cu_k.to(torch.int64)
-    q, k, v = q.to(acc), k.to(acc), v.to(acc)
-    for segs, wq, wk in groups:
-        qs, qi, qok = _gather_padded(q, cu_q[segs], lq[segs], wq)
-        ks, _, kok = _gather_padded(k, cu_k[segs], lk[segs], wk)
-        vs, _, _ = _gather_padded(v, cu_k[segs], lk[segs], wk)
-        s = torch.einsum("gqhd,gkhd->ghqk", qs, ks) * scale
-        s = s.masked_fill(~kok[:, None, None, :], -math.inf)
-        m = s.amax(-1, keepdim=True).clamp(min=torch.finfo(acc).min)  # all-masked rows: no NaN
-        p = torch.exp(s - m)
-        l = p.sum(-1, keepdim=True)
-        o = torch.einsum("ghqk,gkhd->gqhd", p / l.clamp(min=torch.finfo(acc).tiny), vs)
-        row_lse = (m + torch.log(l)).squeeze(-1)  # (G, H, wq); -inf without keys
-        rows = qi[qok]
-        out[rows] = o[qok]
-        lse[:, rows] = row_lse.permute(1, 0, 2)[:, qok].to(torch.float32)
-    return out.to(dtype), lse
+    # one scratch row past the end receives every padded position
+    out = torch.zeros(Tq + 1, H, D, dtype=acc, device=q.device)
+    lse = torch.full((Tq + 1, H), -math.inf, dtype=torch.float32, device=q.device)
+    if cu_q.numel() >= 2 and Tq > 0 and k.shape[0] > 0:
+        lq, lk, groups = _attention_buckets(cu_q, cu_k)
+        cu_q, cu_k = cu_q.to(torch.int64), cu_k.to(torch.int64)
+        q, k, v = q.to(acc), k.to(acc), v.to(acc)
+        for segs, wq, wk in groups:
+            qi, q_real = _padded_rows(cu_q[segs], lq[segs], wq)
+            ki, k_real = _padded_rows(cu_k[segs], lk[segs], wk)
+            s = torch.einsum("gqhd,gkhd->ghqk", q[qi], k[ki]) * scale
+            s = s.masked_fill(~k_real[:, None, None, :], -math.inf)
+            o = torch.einsum("ghqk,gkhd->gqhd", torch.softmax(s, -1), v[ki])
+            dst = torch.where(q_real, qi, Tq)
+            out.index_put_((dst,), o)
+            lse.index_put_((dst,), torch.logsumexp(s, -1).transpose(1, 2).to(torch.float32))
+    return out[:Tq].to(dtype), lse[:Tq].t().contiguous()
 
 
 def _varlen_attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale):
-    """Gradients from the saved log-sum-exp: P = exp(S - lse), dS = P * (dP - rowsum(dO * O))."""
+    """Gradients from the saved log-sum-exp: P = exp(S - lse), dS = P * (dP - rowsum(dO * O)).
+
+    Every real query and key row lies in one segment, so each gradient row is
+    written once (padded positions go to a scratch row): no accumulation.
+    """
+    Tq, Tk = q.shape[0], k.shape[0]
     dtype, acc = q.dtype, acc_dtype(q.dtype)
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
-    dv = torch.zeros(v.shape, dtype=acc, device=q.device)
-    if cu_q.numel() < 2 or q.shape[0] == 0 or k.shape[0] == 0:
-        return dq.to(dtype), dk.to(dtype), dv.to(dtype)
-    lq, lk, groups = _attention_buckets(cu_q, cu_k)
-    cu_q, cu_k = cu_q.to(torch.int64), cu_k.to(torch.int64)
-    q, k, v, dout = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
-    delta = (dout * out.to(acc)).sum(-1)  # (Tq, H)
-    for segs, wq, wk in groups:
-        qs, qi, qok = _gather_padded(q, cu_q[segs], lq[segs], wq)
-        dos, _, _ = _gather_padded(dout, cu_q[segs], lq[segs], wq)
-        ks, ki, kok = _gather_padded(k, cu_k[segs], lk[segs], wk)
-        vs, _, _ = _gather_padded(v, cu_k[segs], lk[segs], wk)
-        safe_qi = torch.where(qok, qi, 0)
-        row_lse = lse.to(acc)[:, safe_qi].permute(1, 0, 2)  # (G, H, wq)
-        row_delta = delta[safe_qi].permute(0, 2, 1)  # (G, H, wq)
-        s = torch.einsum("gqhd,gkhd->ghqk", qs, ks) * scale
-        live = qok[:, None, :, None] & kok[:, None, None, :] & torch.isfinite(row_lse)[..., None]
-        p = torch.where(live, torch.exp(s - row_lse.masked_fill(~torch.isfinite(row_lse), 0)[..., None]), 0)
-        dp = torch.einsum("gqhd,gkhd->ghqk", dos, vs)
-        ds = p * (dp - row_delta[..., None])
-        dq.index_put_((qi[qok],), torch.einsum("ghqk,gkhd->gqhd", ds, ks)[qok] * scale, accumulate=True)
-        dk.index_put_((ki[kok],), torch.einsum("ghqk,gqhd->gkhd", ds, qs)[kok] * scale, accumulate=True)
-        dv.index_put_((ki[kok],), torch.einsum("ghqk,gqhd->gkhd", p, dos)[kok], accumulate=True)
-    return dq.to(dtype), dk.to(dtype), dv.to(dtype)
+    dq = torch.zeros((Tq + 1,) + q.shape[1:], dtype=acc, device=q.device)
+    dk = torch.zeros((Tk + 1,) + k.shape[1:], dtype=acc, device=q.device)
+    dv = torch.zeros((Tk + 1,) + v.shape[1:], dtype=acc, device=q.device)
+    if cu_q.numel() >= 2 and Tq > 0 and Tk > 0:
+        lq, lk, groups = _attention_buckets(cu_q, cu_k)
+        cu_q, cu_k = cu_q.to(torch.int64), cu_k.to(torch.int64)
+        q, k, v, dout = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
+        delta = (dout * out.to(acc)).sum(-1)  # (Tq, H)
+        row_stats = lse.t().to(acc)  # (Tq, H)
+        for segs, wq, wk in groups:
+            qi, q_real = _padded_rows(cu_q[segs], lq[segs], wq)
+            ki, k_real = _padded_rows(cu_k[segs], lk[segs], wk)
+            qs, ks, vs, dos = q[qi], k[ki], v[ki], dout[qi]
+            s = torch.einsum("gqhd,gkhd->ghqk", qs, ks) * scale
+            pair = q_real[:, None, :, None] & k_real[:, None, None, :]
+            p = torch.exp(s - row_stats[qi].transpose(1, 2)[..., None]).masked_fill(~pair, 0)
+            dp = torch.einsum("gqhd,gkhd->ghqk", dos, vs)
+            ds = p * (dp - delta[qi].transpose(1, 2)[..., None])
+            dq.index_put_((torch.where(q_real, qi, Tq),), torch.einsum("ghqk,gkhd->gqhd", ds, ks) * scale)
+            k_dst = (torch.where(k_real, ki, Tk),)
+            dk.index_put_(k_dst, torch.einsum("ghqk,gqhd->gkhd", ds, qs) * scale)
+            dv.index_put_(k_dst, torch.einsum("ghqk,gqhd->gkhd", p, dos))
+    return dq[:Tq].to(dtype), dk[:Tk].to(dtype), dv[:Tk].to(dtype)
 
 
 # ------------------------------------------------------------ pad / unpad

@@ -9,6 +9,7 @@ from typing import Mapping, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 import setok_kernels
 
@@ -77,6 +78,19 @@ class SeTokOutput:
         return setok_kernels.pad_segments(self.tokens, self.cu_tokens, self.max_tokens)
 
 
+def _live_extent(packing, rows: int, segments: int, device: torch.device) -> tuple[int, int]:
+    """How many packed rows and segments the encoders must run on.
+
+    On the CPU, reading the real counts costs nothing (there is no device to
+    wait for), so the encoders skip masked tokens and empty cluster slots.
+    Elsewhere, and under torch.compile, the static bounds keep the forward free
+    of host syncs (capturable in a CUDA graph); the extra rows are masked out.
+    """
+    if device.type != "cpu" or torch.compiler.is_compiling():
+        return rows, segments
+    return int(packing.cu_seqlens[-1]), int(packing.cu_clusters[-1])
+
+
 def square_grid(N: int, grid: Optional[tuple[int, int]]) -> tuple[int, int]:
     if grid is None:
         side = math.isqrt(N)
@@ -132,15 +146,19 @@ class SeTokTokenizer(nn.Module):
         M = self.config.max_clusters or N
         x, clusters = self.cluster(features, mask, grid)
         packing = setok_kernels.pack_clusters(clusters.labels, clusters.num_clusters, M)
-        # (B*N, hidden): each cluster's tokens contiguous, masked tokens last (in no segment)
-        rows = self.input_proj(x).flatten(0, 1)[packing.perm]
+        live_rows, live_segments = _live_extent(packing, B * N, B * M, x.device)
+        # (live_rows, hidden): each cluster's tokens contiguous, masked tokens (in no segment) last
+        rows = self.input_proj(x).flatten(0, 1)[packing.perm[:live_rows]]
         rows = self.inner_encoder(rows, packing.cu_seqlens, N)
         # (B*M, hidden): one vector per cluster, image after image, empty slots last
-        centroids = setok_kernels.segment_mean(rows, packing.cu_seqlens)
+        centroids = setok_kernels.segment_mean(rows, packing.cu_seqlens)[:live_segments]
         centroids = self.inter_encoder(centroids, packing.cu_clusters, M)
         tokens = self.out(centroids)
-        real = torch.arange(B * M, device=tokens.device) < packing.cu_clusters[-1]
-        tokens = torch.where(real[:, None], tokens, torch.zeros((), dtype=tokens.dtype, device=tokens.device))
+        if live_segments < B * M:
+            tokens = F.pad(tokens, (0, 0, 0, B * M - live_segments))
+        else:
+            real = torch.arange(B * M, device=tokens.device) < packing.cu_clusters[-1]
+            tokens = torch.where(real[:, None], tokens, torch.zeros((), dtype=tokens.dtype, device=tokens.device))
         return SeTokOutput(tokens, packing.cu_clusters, clusters.num_clusters, clusters.labels, clusters.score, M)
 
     # ------------------------------------------------------------ reference weights

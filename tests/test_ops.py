@@ -169,3 +169,30 @@ def _bad_calls():
 def test_bad_input_is_named(message, error, call):
     with pytest.raises(error, match=message):
         call()
+
+
+def test_missing_native_library_is_a_warning(tmp_path):
+    """A copy of the package without its compiled library imports, warns, and clusters."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(sk.__file__).parent
+    shutil.copytree(src, tmp_path / "setok_kernels", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    code = (
+        "import warnings, torch\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import setok_kernels as sk\n"
+        "assert any('native' in str(m.message) for m in w), [str(m.message) for m in w]\n"
+        "r = sk.dpc_cluster(torch.randn(2, 20, 4), 3)\n"
+        "assert r.labels.shape == (2, 20)\n"
+        "from setok_kernels import _backends\n"
+        "reason = {i.name: i.unavailable_reason() for i in _backends.implementations('dpc_cluster')}['native']\n"
+        "assert reason and 'not built' in reason, reason\n"
+        "print('ok')\n"
+    )
+    env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
