@@ -15,8 +15,9 @@ kernels' designs, to be replaced by benchmark numbers::
 (flash-attn's and torch's flash kernels are the fastest for the head dims they
 have; beyond 256, or in fp32, only the chunked Triton kernel and the
 memory-efficient kernels remain, and the Triton kernel packs short segments
-into shared tiles). On CPU, auto picks the reference; the Triton interpreter
-must be forced.
+into shared tiles). On CPU, auto picks "torch": torch's fused CPU
+flash-attention kernel (forward and backward, both with lse) over the
+reference's power-of-two length buckets; the Triton interpreter must be forced.
 
 Every backend returns the setok lse convention: ``(H, Tq)`` float32, natural
 log, ``-inf`` (and output 0) for a row without keys or outside every segment.
@@ -155,10 +156,25 @@ def _torch_varlen_attn():
     return (varlen_attn, AuxRequest) if "scale" in params and "return_aux" in params else None
 
 
+def _cpu_flash():
+    """torch's fused CPU attention kernel and its backward (both return / take lse)."""
+    fwd = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    bwd = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    return (fwd, bwd) if fwd is not None and bwd is not None else None
+
+
 def _torch_available() -> Optional[str]:
-    if not torch.backends.cuda.is_built():
-        return f"torch {torch.__version__} is built without CUDA (its varlen kernels are CUDA-only)"
-    return _cuda_available()
+    if _cpu_flash() is None and not torch.cuda.is_available():
+        return f"torch {torch.__version__} has no CPU flash-attention kernel and no CUDA device"
+    return None
+
+
+def _torch_check(call: CallInfo) -> Optional[str]:
+    if call.device.type == "cpu":
+        return None if _cpu_flash() is not None else f"torch {torch.__version__} has no CPU flash-attention kernel"
+    if not torch.cuda.is_available():
+        return f"no CUDA device (torch {torch.__version__})"
+    return _head_dim_multiple_of_8(call)
 
 
 def torch_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale):
@@ -168,6 +184,8 @@ def torch_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale):
     trivial = _trivial(q, k, cu_q)
     if trivial is not None:
         return trivial
+    if q.device.type == "cpu":
+        return _cpu_forward(q, k, v, cu_q, cu_k, scale)
     cu_q32, cu_k32 = _int32(cu_q), _int32(cu_k)
     flash = _torch_varlen_attn()
     Tq, H, D = q.shape
@@ -182,6 +200,61 @@ def torch_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale):
         )[:2]
         out, lse = out[0], _per_segment_lse(lse, cu_q, Tq)
     return _to_setok_convention(out, lse, cu_q)
+
+
+def _cpu_groups(q, k, cu_q, cu_k, scale_dtype):
+    """The reference's power-of-two length buckets, with each group's padded row
+    indices and an additive key mask (-inf on padded keys)."""
+    lq, lk, groups = reference._attention_buckets(cu_q, cu_k)
+    cu_q, cu_k = cu_q.to(torch.int64), cu_k.to(torch.int64)
+    for segs, wq, wk in groups:
+        qi, q_real = reference._padded_rows(cu_q[segs], lq[segs], wq)
+        ki, k_real = reference._padded_rows(cu_k[segs], lk[segs], wk)
+        bias = torch.zeros(k_real.shape, dtype=scale_dtype, device=q.device).masked_fill(~k_real, -math.inf)
+        yield qi, q_real, ki, k_real, bias[:, None, None, :]
+
+
+def _heads_first(x, rows):
+    return x[rows].transpose(1, 2)  # (G, w, H, D) -> (G, H, w, D)
+
+
+def _cpu_forward(q, k, v, cu_q, cu_k, scale):
+    """torch's fused CPU flash kernel, one call per length bucket (a host read of the lengths)."""
+    fwd, _ = _cpu_flash()
+    Tq, H, D = q.shape
+    out = q.new_zeros(Tq + 1, H, D)  # row Tq: scratch for padded positions
+    lse = torch.full((Tq + 1, H), -math.inf, dtype=torch.float32, device=q.device)
+    for qi, q_real, ki, _, bias in _cpu_groups(q, k, cu_q, cu_k, q.dtype):
+        o, l = fwd(_heads_first(q, qi), _heads_first(k, ki), _heads_first(v, ki), 0.0, False, attn_mask=bias, scale=scale)
+        dst = (torch.where(q_real, qi, Tq),)
+        out.index_put_(dst, o.transpose(1, 2))
+        lse.index_put_(dst, l.transpose(1, 2).float())
+    return out[:Tq], lse[:Tq].t().contiguous()
+
+
+def _cpu_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale):
+    """The fused CPU kernel's backward per bucket; padded query rows carry no gradient."""
+    _, bwd = _cpu_flash()
+    Tq, Tk = q.shape[0], k.shape[0]
+    dq, dk, dv = q.new_zeros(Tq + 1, *q.shape[1:]), k.new_zeros(Tk + 1, *k.shape[1:]), v.new_zeros(Tk + 1, *v.shape[1:])
+    lse_rows = lse.t()
+    for qi, q_real, ki, k_real, bias in _cpu_groups(q, k, cu_q, cu_k, q.dtype):
+        g = _heads_first(dout, qi) * q_real[:, None, :, None]
+        lse_g = lse_rows[qi].transpose(1, 2).contiguous()
+        gq, gk, gv = bwd(g, _heads_first(q, qi), _heads_first(k, ki), _heads_first(v, ki), _heads_first(out, qi),
+                         lse_g, 0.0, False, attn_mask=bias, scale=scale)
+        dq.index_put_((torch.where(q_real, qi, Tq),), gq.transpose(1, 2))
+        k_dst = (torch.where(k_real, ki, Tk),)
+        dk.index_put_(k_dst, gk.transpose(1, 2))
+        dv.index_put_(k_dst, gv.transpose(1, 2))
+    return dq[:Tq], dk[:Tk], dv[:Tk]
+
+
+def torch_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale):
+    """CPU: the fused kernel's own backward; CUDA: the shared lse-based backward."""
+    if q.device.type == "cpu" and q.shape[0] > 0 and k.shape[0] > 0 and cu_q.numel() >= 2:
+        return _cpu_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale)
+    return lse_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale)
 
 
 # ------------------------------------------------------------------ xformers
@@ -233,16 +306,14 @@ def xformers_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale):
 def _register() -> None:
     all_dtypes = _HALF + (torch.float32,)
     table = (
-        # name, forward, priority, dtypes, available, check
-        ("flash_attn", flash_attn_forward, 10, _HALF, _flash_available, _flash_check),
-        ("torch", torch_forward, 20, all_dtypes, _torch_available, _head_dim_multiple_of_8),
-        ("xformers", xformers_forward, 40, all_dtypes, _xformers_available, _head_dim_multiple_of_8),
+        # name, forward, backward, priority, devices, dtypes, available, check
+        ("flash_attn", flash_attn_forward, lse_backward, 10, ("cuda",), _HALF, _flash_available, _flash_check),
+        ("torch", torch_forward, torch_backward, 20, ("cuda", "cpu"), all_dtypes, _torch_available, _torch_check),
+        ("xformers", xformers_forward, lse_backward, 40, ("cuda",), all_dtypes, _xformers_available, _head_dim_multiple_of_8),
     )
-    for name, forward, priority, dtypes, available, check in table:
-        for op, fn in (("varlen_attention", forward), ("varlen_attention_backward", lse_backward)):
-            register(
-                Impl(op=op, name=name, fn=fn, priority=priority, devices=("cuda",), dtypes=dtypes, available=available, check=check)
-            )
+    for name, forward, backward, priority, devices, dtypes, available, check in table:
+        for op, fn in (("varlen_attention", forward), ("varlen_attention_backward", backward)):
+            register(Impl(op=op, name=name, fn=fn, priority=priority, devices=devices, dtypes=dtypes, available=available, check=check))
 
 
 _register()

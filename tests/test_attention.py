@@ -144,6 +144,26 @@ def test_reference_matches_oracle(dtype, D, H, lens_q, lens_k):
     assert_close_to_oracle("reference", case, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "D,H,lens_q,lens_k",
+    [(16, 1, [1, 0, 3], [1, 0, 3]), (32, 2, [300, 4], [300, 4]), (2048, 2, [3, 5], [3, 5]), (128, 4, [2, 0, 5], [0, 4, 3])],
+)
+def test_torch_cpu_matches_oracle(dtype, D, H, lens_q, lens_k):
+    """torch's fused CPU flash kernel per length bucket (auto's choice on CPU)."""
+    case = make_case(lens_q, lens_k, H, D, trail=1)
+    assert_close_to_oracle("torch", case, dtype)
+
+
+def test_torch_declines_float64_and_auto_falls_back():
+    q, k, v, cu_q, _ = make_case([3, 2], [3, 2], H=1, D=16)
+    with pytest.raises(BackendUnavailableError, match="dtype float64 not supported"):
+        setok_kernels.varlen_attention(q.double(), k.double(), v.double(), cu_q, backend="torch")
+    call = CallInfo(torch.device("cpu"), torch.float64, True, dict(head_dim=16))
+    chosen = next(name for name, reason in _backends.explain("varlen_attention", call) if reason is None)
+    assert chosen == "reference"
+
+
 @pytest.mark.triton
 def test_triton_is_deterministic_and_skips_no_row():
     q, k, v, cu_q, cu_k = make_case([9, 1, 30], [9, 1, 30], H=2, D=32)
@@ -164,7 +184,7 @@ def test_triton_malformed_offsets_stay_in_bounds():
 
 def test_opcheck():
     q, k, v, cu_q, cu_k = make_case([3, 0, 5], [2, 4, 1], H=2, D=16)
-    for backend in ("reference", "triton"):
+    for backend in ("reference", "triton", "torch"):
         args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), cu_q, cu_k, 8, 8, 0.3, backend)
         torch.library.opcheck(torch.ops.setok.varlen_attention, args)
 
@@ -190,7 +210,7 @@ def test_torch_compile_fullgraph_equals_eager(backend):
     torch.testing.assert_close(compiled(q, k, v), f(q, k, v), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", ["flash_attn", "xformers", "torch"])
+@pytest.mark.parametrize("backend", ["flash_attn", "xformers"])
 def test_forcing_unavailable_backend_names_the_reason(backend):
     q, k, v, cu_q, _ = make_case([3, 2], [3, 2], H=1, D=16)
     with pytest.raises(BackendUnavailableError, match=backend) as info:
