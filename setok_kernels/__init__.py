@@ -28,21 +28,10 @@ from .functional import (
 __version__ = "0.1.0"
 
 
-def _load_backends() -> None:
-    """Import the backend modules; each registers its implementations.
-
-    A backend whose dependency is missing (Triton, the compiled library,
-    flash-attn, xformers) registers with the reason it is unavailable.
-    """
-    import importlib
-    import importlib.util
-
-    for name in ("_native", "triton_dpc", "triton_attention", "attention_backends"):
-        if importlib.util.find_spec(f"{__name__}.{name}") is not None:
-            importlib.import_module(f"{__name__}.{name}")
-
-
-_load_backends()
+# Each backend module registers its implementations on import; one whose
+# dependency is missing (Triton, the compiled library, flash-attn, xformers)
+# registers with the reason it is unavailable instead of failing.
+from . import _native, attention_backends, triton_attention, triton_dpc  # noqa: E402,F401
 
 __all__ = [
     "BackendUnavailableError",

@@ -16,8 +16,8 @@ from typing import Optional
 
 import torch
 
+from . import ops
 from ._backends import Impl, register
-from .reference import acc_dtype
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INDICES = (torch.int64, torch.int32)
@@ -43,64 +43,11 @@ for _name, _schema in _SCHEMAS.items():
     torch.library.define(f"setok::{_name}", _schema)
 
 
-def _fake(name):
-    return torch.library.register_fake(f"setok::{name}")
-
-
-@_fake("native_knn_density")
-def _(x, k, mask):
-    return x.new_empty(x.shape[:2], dtype=acc_dtype(x.dtype))
-
-
-@_fake("native_density_delta")
-def _(x, density, mask, column_max):
-    return x.new_empty(x.shape[:2], dtype=acc_dtype(x.dtype)), x.new_empty(x.shape[:2], dtype=torch.int64)
-
-
-@_fake("native_select_centers")
-def _(score, mask, threshold, min_clusters, max_clusters):
-    B = score.shape[0]
-    return score.new_empty(B, max_clusters, dtype=torch.int64), score.new_empty(B, dtype=torch.int64)
-
-
-@_fake("native_assign_to_centers")
-def _(x, centers, num_clusters, mask):
-    return x.new_empty(x.shape[:2], dtype=torch.int64)
-
-
-@_fake("native_dpc_cluster")
-def _(x, k, threshold, min_clusters, max_clusters, mask, column_max):
-    B, N, _ = x.shape
-    acc = acc_dtype(x.dtype)
-    per_token = [x.new_empty(B, N, dtype=acc) for _ in range(3)]
-    return (
-        x.new_empty(B, N, dtype=torch.int64),
-        x.new_empty(B, dtype=torch.int64),
-        x.new_empty(B, max_clusters, dtype=torch.int64),
-        *per_token,
-        x.new_empty(B, N, dtype=torch.int64),
-    )
-
-
-@_fake("native_pack_clusters")
-def _(labels, num_clusters, max_clusters):
-    B, N = labels.shape
-    return (
-        labels.new_empty(B * N, dtype=torch.int64),
-        labels.new_empty(B * max_clusters + 1, dtype=torch.int32),
-        labels.new_empty(B + 1, dtype=torch.int32),
-        labels.new_empty((), dtype=torch.int64),
-    )
-
-
-@_fake("native_segment_mean")
-def _(x, cu_seqlens):
-    return x.new_empty(cu_seqlens.shape[0] - 1, x.shape[1])
-
-
-@_fake("native_segment_mean_backward")
-def _(grad, cu_seqlens, num_rows):
-    return grad.new_empty(num_rows, grad.shape[1])
+# the internal ops take their public op's implementation arguments (with
+# densest_delta as a bool), so they share its output shapes
+for _name in ("knn_density", "density_delta", "select_centers", "assign_to_centers", "dpc_cluster",
+              "pack_clusters", "segment_mean", "segment_mean_backward"):
+    torch.library.register_fake(f"setok::native_{_name}")(getattr(ops, f"{_name}_meta"))
 
 
 # ------------------------------------------------------------------ loading

@@ -52,6 +52,55 @@ def _exact(fn):
     return body
 
 
+# ------------------------------------------------------------------ output shapes
+# From each op's implementation arguments (``Impl.fn`` order): the fake impls
+# below and the internal ops of the backends (``_native``) share them.
+
+
+def knn_density_meta(x, k, mask):
+    return x.new_empty(x.shape[:2], dtype=acc_dtype(x.dtype))
+
+
+def density_delta_meta(x, density, mask, densest_delta):
+    return x.new_empty(x.shape[:2], dtype=acc_dtype(x.dtype)), x.new_empty(x.shape[:2], dtype=torch.int64)
+
+
+def select_centers_meta(score, mask, threshold, min_clusters, max_clusters):
+    B = score.shape[0]
+    return score.new_empty(B, max_clusters, dtype=torch.int64), score.new_empty(B, dtype=torch.int64)
+
+
+def assign_to_centers_meta(x, centers, num_clusters, mask):
+    return x.new_empty(x.shape[:2], dtype=torch.int64)
+
+
+def dpc_cluster_meta(x, k, threshold, min_clusters, max_clusters, mask, densest_delta):
+    B, N, _ = x.shape
+    acc, i64 = acc_dtype(x.dtype), torch.int64
+    labels, parent = x.new_empty(B, N, dtype=i64), x.new_empty(B, N, dtype=i64)
+    centers, num = x.new_empty(B, max_clusters, dtype=i64), x.new_empty(B, dtype=i64)
+    score, density, delta = (x.new_empty(B, N, dtype=acc) for _ in range(3))
+    return labels, num, centers, score, density, delta, parent
+
+
+def pack_clusters_meta(labels, num_clusters, max_clusters):
+    B, N = labels.shape
+    return (
+        labels.new_empty(B * N, dtype=torch.int64),
+        labels.new_empty(B * max_clusters + 1, dtype=torch.int32),
+        labels.new_empty(B + 1, dtype=torch.int32),
+        labels.new_empty((), dtype=torch.int64),
+    )
+
+
+def segment_mean_meta(x, cu_seqlens):
+    return x.new_empty(cu_seqlens.shape[0] - 1, x.shape[1])
+
+
+def segment_mean_backward_meta(grad, cu_seqlens, num_rows):
+    return grad.new_empty(num_rows, grad.shape[1])
+
+
 def _dpc_extra(x: Tensor, **kw) -> dict:
     return dict(B=x.shape[0], N=x.shape[1], C=x.shape[2], **kw)
 
@@ -79,7 +128,7 @@ def knn_density(x: Tensor, k: int, mask: Optional[Tensor], backend: str) -> Tens
 
 @knn_density.register_fake
 def _(x, k, mask, backend):
-    return x.new_empty(x.shape[:2], dtype=acc_dtype(x.dtype))
+    return knn_density_meta(x, k, mask)
 
 
 @torch.library.custom_op("setok::density_delta", mutates_args=())
@@ -91,8 +140,7 @@ def density_delta(x: Tensor, density: Tensor, mask: Optional[Tensor], densest_de
 
 @density_delta.register_fake
 def _(x, density, mask, densest_delta, backend):
-    shape = x.shape[:2]
-    return x.new_empty(shape, dtype=acc_dtype(x.dtype)), x.new_empty(shape, dtype=torch.int64)
+    return density_delta_meta(x, density, mask, densest_delta)
 
 
 @torch.library.custom_op("setok::select_centers", mutates_args=())
@@ -106,8 +154,7 @@ def select_centers(
 
 @select_centers.register_fake
 def _(score, threshold, min_clusters, max_clusters, mask, backend):
-    B = score.shape[0]
-    return score.new_empty(B, max_clusters, dtype=torch.int64), score.new_empty(B, dtype=torch.int64)
+    return select_centers_meta(score, mask, threshold, min_clusters, max_clusters)
 
 
 @torch.library.custom_op("setok::assign_to_centers", mutates_args=())
@@ -119,7 +166,7 @@ def assign_to_centers(x: Tensor, centers: Tensor, num_clusters: Tensor, mask: Op
 
 @assign_to_centers.register_fake
 def _(x, centers, num_clusters, mask, backend):
-    return x.new_empty(x.shape[:2], dtype=torch.int64)
+    return assign_to_centers_meta(x, centers, num_clusters, mask)
 
 
 @torch.library.custom_op("setok::dpc_cluster", mutates_args=())
@@ -141,18 +188,7 @@ def dpc_cluster(
 
 @dpc_cluster.register_fake
 def _(x, k, threshold, min_clusters, max_clusters, mask, densest_delta, backend):
-    B, N, _ = x.shape
-    acc = acc_dtype(x.dtype)
-    i64 = dict(dtype=torch.int64)
-    return (
-        x.new_empty(B, N, **i64),
-        x.new_empty(B, **i64),
-        x.new_empty(B, max_clusters, **i64),
-        x.new_empty(B, N, dtype=acc),
-        x.new_empty(B, N, dtype=acc),
-        x.new_empty(B, N, dtype=acc),
-        x.new_empty(B, N, **i64),
-    )
+    return dpc_cluster_meta(x, k, threshold, min_clusters, max_clusters, mask, densest_delta)
 
 
 # ------------------------------------------------------------------ packing
@@ -168,13 +204,7 @@ def pack_clusters(labels: Tensor, num_clusters: Tensor, max_clusters: int, backe
 
 @pack_clusters.register_fake
 def _(labels, num_clusters, max_clusters, backend):
-    B, N = labels.shape
-    return (
-        labels.new_empty(B * N, dtype=torch.int64),
-        labels.new_empty(B * max_clusters + 1, dtype=torch.int32),
-        labels.new_empty(B + 1, dtype=torch.int32),
-        labels.new_empty((), dtype=torch.int64),
-    )
+    return pack_clusters_meta(labels, num_clusters, max_clusters)
 
 
 @torch.library.custom_op("setok::segment_mean", mutates_args=())
@@ -186,7 +216,7 @@ def segment_mean(x: Tensor, cu_seqlens: Tensor, backend: str) -> Tensor:
 
 @segment_mean.register_fake
 def _(x, cu_seqlens, backend):
-    return x.new_empty(cu_seqlens.shape[0] - 1, x.shape[1])
+    return segment_mean_meta(x, cu_seqlens)
 
 
 @torch.library.custom_op("setok::segment_mean_backward", mutates_args=())
@@ -198,7 +228,7 @@ def segment_mean_backward(grad: Tensor, cu_seqlens: Tensor, num_rows: int, backe
 
 @segment_mean_backward.register_fake
 def _(grad, cu_seqlens, num_rows, backend):
-    return grad.new_empty(num_rows, grad.shape[1])
+    return segment_mean_backward_meta(grad, cu_seqlens, num_rows)
 
 
 def _segment_mean_setup(ctx, inputs, output):
