@@ -201,6 +201,12 @@ def test_deterministic():
 
 # ---------------------------------------------------------------- invariants
 
+# the compiled CPU backend obeys the same invariants (the Triton interpreter is
+# too slow for property tests: tests/test_triton_dpc.py covers it)
+_CPU_BACKENDS = ["reference"] + [
+    i.name for i in sk._backends.implementations("dpc_cluster") if i.name == "native" and i.unavailable_reason() is None
+]
+
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(
@@ -214,8 +220,9 @@ def test_deterministic():
     keep=st.floats(0.2, 1.0),
     duplicate=st.booleans(),
     seed=st.integers(0, 2**16),
+    backend=st.sampled_from(_CPU_BACKENDS),
 )
-def test_clustering_invariants(B, N, C, k, threshold, min_clusters, max_clusters, keep, duplicate, seed):
+def test_clustering_invariants(B, N, C, k, threshold, min_clusters, max_clusters, keep, duplicate, seed, backend):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, N, C, generator=g)
     if duplicate and N > 2:
@@ -223,7 +230,7 @@ def test_clustering_invariants(B, N, C, k, threshold, min_clusters, max_clusters
     mask = torch.rand(B, N, generator=g) < keep
     mask[:, 0] = True
     k = min(k, int(mask.sum(1).min()))
-    r = sk.dpc_cluster(x, k, threshold, min_clusters, max_clusters, mask)
+    r = sk.dpc_cluster(x, k, threshold, min_clusters, max_clusters, mask, backend=backend)
     M = max_clusters or N
     real = mask.sum(1)
     assert r.centers.shape == (B, M)
@@ -238,7 +245,7 @@ def test_clustering_invariants(B, N, C, k, threshold, min_clusters, max_clusters
         lab = r.labels[b]
         assert ((lab[mask[b]] >= 0) & (lab[mask[b]] < n)).all(), "every real token in one cluster"
         assert (lab[~mask[b]] == -1).all()
-    p = sk.pack_clusters(r.labels, r.num_clusters, max_clusters)
+    p = sk.pack_clusters(r.labels, r.num_clusters, max_clusters, backend=backend)
     sizes = (p.cu_seqlens[1:] - p.cu_seqlens[:-1]).long()
     assert int(sizes.sum()) == int(real.sum()), "sizes sum to the real-token count"
     assert int(p.cu_clusters[-1]) == int(r.num_clusters.sum())
