@@ -254,28 +254,33 @@ def _segment_mean_backward(grad, cu_seqlens, T):
 # ------------------------------------------------------------ attention
 
 
+def _bucket_width(n: torch.Tensor) -> torch.Tensor:
+    """Padded length of a segment of n rows: the next power of two up to 16, then
+    the next multiple of a quarter of the next power of two (<= 25% padding)."""
+    powers = torch.pow(2, torch.arange(62, device=n.device, dtype=torch.int64))
+    n = n.clamp(min=1)
+    p = powers[torch.searchsorted(powers, n)]
+    step = (p // 4).clamp(min=1)
+    return torch.where(p <= 16, p, (n + step - 1) // step * step)
+
+
 def _attention_buckets(cu_q, cu_k):
     """Group the segments that have queries and keys by (padded q length, padded k length).
 
-    Lengths are padded to powers of two, so at most log2(max_q) * log2(max_k)
-    groups run, whatever the number of segments. Building the groups reads
-    the lengths on the host: the reference is not a capturable path.
+    Few widths per octave (``_bucket_width``), so a handful of groups run
+    whatever the number of segments. Building the groups reads the lengths
+    on the host: the reference is not a capturable path.
     """
     lq = (cu_q[1:] - cu_q[:-1]).to(torch.int64)
     lk = (cu_k[1:] - cu_k[:-1]).to(torch.int64)
-    powers = torch.pow(2, torch.arange(63, device=lq.device, dtype=torch.int64))
-
-    def log2_ceil(n):  # integer ceil(log2(n)): index of the first power of two >= n
-        return torch.searchsorted(powers, n.clamp(min=1))
-
     # a segment without queries or without keys contributes nothing (output 0)
-    key = torch.where((lq > 0) & (lk > 0), log2_ceil(lq) * 64 + log2_ceil(lk), -1)
+    key = torch.where((lq > 0) & (lk > 0), (_bucket_width(lq) << 31) + _bucket_width(lk), -1)
     order = torch.argsort(key, stable=True)
     values, counts = torch.unique_consecutive(key[order], return_counts=True)
     groups, start = [], 0
     for g, n in zip(values.tolist(), counts.tolist()):
         if g >= 0:
-            groups.append((order[start : start + n], 1 << (g // 64), 1 << (g % 64)))
+            groups.append((order[start : start + n], g >> 31, g & ((1 << 31) - 1)))
         start += n
     return lq, lk, groups
 
