@@ -293,3 +293,13 @@ def test_cuda_pack_clusters_and_segment_mean():
         grad = torch.randn_like(want)
         g_n = torch.ops.setok.native_segment_mean_backward(grad.cuda(), nat.cu_seqlens, packed.shape[0])
         torch.testing.assert_close(g_n.cpu(), R._segment_mean_backward(grad, ref.cu_seqlens, packed.shape[0]))
+
+
+def test_stale_library_is_reported(monkeypatch):
+    """A library built against another torch is refused with a reason (the import then warns)."""
+    from setok_kernels import _native
+
+    monkeypatch.setattr(torch, "__version__", "0.0.1+cpu")
+    path, reason, facts = _native._load()
+    assert path is not None and facts["torch"] != "0.0.1"
+    assert reason == f"compiled library built for torch {facts['torch']}, running torch 0.0.1: rebuild it"
