@@ -107,3 +107,74 @@ def test_peak_rss_16k_tokens(benchmark, impl):
     benchmark.extra_info.update(result, impl=impl, case="B1-N16384-C256", role="setok" if impl == "reference" else "baseline")
     if impl == "reference":
         assert result["peak_rss_bytes"] < 1 << 30, f"peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB >= 1 GiB"
+
+
+# ------------------------------------------------------------------ the passes one by one
+
+
+def _batched_distance(x):
+    xf = x.float()
+    return torch.cdist(xf, xf) / xf.shape[-1] ** 0.5
+
+
+def _parts(x, k, min_clusters):
+    """Inputs each pass needs, computed once outside the timed call."""
+    density = sk.knn_density(x, k, backend="reference", validate=False)
+    delta, _ = sk.density_delta(x, density, backend="reference", validate=False)
+    score = density * delta
+    centers, num = sk.select_centers(score, THRESHOLD, min_clusters, backend="reference")
+    return density, score, centers, num
+
+
+# per pass: the setok call, and the batched PyTorch way (B x N x N) a user would write
+PASSES = {
+    "pairwise_distance": (
+        lambda x, p, k, m, b: sk.pairwise_distance(x, backend=b),
+        lambda x, p, k, m: _batched_distance(x),
+    ),
+    "knn_density": (
+        lambda x, p, k, m, b: sk.knn_density(x, k, backend=b, validate=False),
+        lambda x, p, k, m: torch.exp(-(_batched_distance(x).topk(k, dim=-1, largest=False).values ** 2).mean(-1)),
+    ),
+    "density_delta": (
+        lambda x, p, k, m, b: sk.density_delta(x, p[0], backend=b, validate=False),
+        lambda x, p, k, m: torch.where(p[0][:, None, :] > p[0][:, :, None], _batched_distance(x), float("inf")).min(-1),
+    ),
+    "select_centers": (
+        lambda x, p, k, m, b: sk.select_centers(p[1], THRESHOLD, m, backend=b),
+        lambda x, p, k, m: bl._rank_select(p[1], THRESHOLD, m),
+    ),
+    "assign_to_centers": (
+        lambda x, p, k, m, b: sk.assign_to_centers(x, p[2], p[3], backend=b, validate=False),
+        lambda x, p, k, m: torch.cdist(x.float(), torch.gather(x.float(), 1, p[2].clamp(min=0)[..., None].expand(-1, -1, x.shape[-1]))).argmin(-1),
+    ),
+}
+
+
+@pytest.mark.parametrize("impl", SETOK + ("torch_batched",))
+@pytest.mark.parametrize("op", sorted(PASSES))
+def test_dpc_pass(measure, benchmark, device, dtype, case, op, impl):
+    benchmark.group = f"dpc-{op}"
+    name, B, N, C, k, min_clusters = case
+    if impl == "triton" and device.type != "cuda":
+        pytest.skip("the Triton interpreter is for tests, not timings")
+    pool = _inputs(device, dtype, B, N, C)
+    parts = _parts(pool[0][0], k, min_clusters)
+    setok_fn, baseline_fn = PASSES[op]
+    if impl in SETOK:
+        try:
+            setok_fn(pool[0][0], parts, k, min_clusters, impl)
+        except sk.BackendUnavailableError as exc:
+            pytest.skip(str(exc))
+
+        def fn(x):
+            return setok_fn(x, parts, k, min_clusters, impl)
+    else:
+        def fn(x):
+            return baseline_fn(x, parts, k, min_clusters)
+    # a pass over all pairs; assignment: tokens x centres; selection: reading the scores
+    columns = {"assign_to_centers": int(parts[3].max()), "select_centers": 0}.get(op, N)
+    flops = 2 * B * N * columns * C
+    nbytes = B * N * 4 if op == "select_centers" else B * N * C * torch.finfo(dtype).bits // 8
+    measure(fn, pool, impl=impl, case=name, role="setok" if impl in SETOK else "baseline", flops=flops,
+            bytes=nbytes, shape=dict(B=B, N=N, C=C, k=k, dtype=str(dtype)[6:]))
