@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 export MAX_JOBS ?= 2
 
-.PHONY: env install test test-fast demo bench info check-cuda clean
+.PHONY: env install test demo bench info check-cuda check-cuda-build compile-proof test-triton36 gpu-check clean
 
 env:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "torch==$(TORCH_VERSION)"
@@ -36,10 +36,37 @@ bench: install
 info: install
 	$(PYTHON) -m setok_kernels.info
 
-# Compiles every CUDA source for sm_90 to an object file (no link, no GPU):
-# catches CUDA compile errors on a machine whose torch is CPU-only.
+# Compiles every CUDA source for sm_80 and sm_90 and links it against cudart
+# (no GPU): catches CUDA compile errors on a machine whose torch is CPU-only.
 check-cuda: env
 	$(PYTHON) tools/check_cuda.py
 
+# pip install -e . with a CUDA torch (cached venv), CUDA_HOME unset and nvcc on
+# PATH; the library must load with its CUDA part (tools/cuda_build_check.sh; no GPU).
+check-cuda-build:
+	PYTHON=$(PYTHON) tools/cuda_build_check.sh
+
+# Compiles every Triton launch configuration the dispatcher can make for sm_80
+# and sm_90 with the installed triton (no GPU); fails on a compile error, a
+# register spill or shared memory over the limit.
+compile-proof: env
+	$(PYTHON) -m setok_kernels.info --compile sm_80 sm_90
+
+# The Triton tests (-k triton: their modules, marks and backend ids) and the
+# compile proof under triton 3.6.0, the GPU machine's, in a cached venv with
+# the CPU torch (tools/triton36_env.sh).
+test-triton36: env
+	@venv="$$(PYTHON=$(PYTHON) TORCH_VERSION=$(TORCH_VERSION) tools/triton36_env.sh)" && \
+	echo "triton 3.6 venv: $$venv" && \
+	PYTHONPATH="$(CURDIR)" "$$venv/bin/python" -m pytest tests -k triton -q -p no:cacheprovider $(PYTEST_ARGS) && \
+	PYTHONPATH="$(CURDIR)" "$$venv/bin/python" -m setok_kernels.info --compile sm_80 sm_90
+
+# On a GPU machine (offline): build, CUDA tests, sanitizers, CUDA graph,
+# benchmarks at the real shapes; one report in $(OUT)/report.md. Without a
+# GPU: the parts that need none (CI runs this).
+OUT ?= gpu-check-out
+gpu-check: env
+	$(PYTHON) tools/gpu_check.py $(OUT)
+
 clean:
-	rm -rf build dist *.egg-info setok_kernels/_C*.so bench-out setok-out
+	rm -rf build dist *.egg-info setok_kernels/_C*.so setok_kernels/_build.json bench-out setok-out gpu-check-out

@@ -7,6 +7,9 @@ Every benchmark goes through the ``measure`` fixture, which
   flatter an op that reads the same bytes every round;
 - warms up before measuring (first calls compile, autotune, allocate);
 - synchronises CUDA inside the timed call, so a round ends when its kernels do;
+  on CUDA it also times each round with CUDA events (device time, free of the
+  host's launch and sync overhead) and records their median, which
+  ``report.py`` reports when present;
 - records in ``extra_info`` the work done (FLOPs, bytes) and the floor it
   implies on this device, from which ``report.py`` states "% of floor".
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 import itertools
 import math
 import platform
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -239,11 +243,22 @@ def measure(benchmark, device, peak, environment):
             sync(device)
             return tuple(pool[next(turn) % len(pool)]), {}
 
+        event_seconds: list[float] = []
+
         def timed(*args):
+            if device.type != "cuda":
+                return fn(*args)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
             out = fn(*args)
-            sync(device)
+            end.record()
+            end.synchronize()
+            event_seconds.append(start.elapsed_time(end) / 1e3)
             return out
 
-        return benchmark.pedantic(timed, setup=setup, rounds=rounds, iterations=1)
+        out = benchmark.pedantic(timed, setup=setup, rounds=rounds, iterations=1)
+        if event_seconds:
+            benchmark.extra_info["event_median_s"] = statistics.median(event_seconds)
+        return out
 
     return run

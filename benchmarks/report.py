@@ -6,7 +6,8 @@ Per group and case (problem shape): each implementation's median, its
 speed-up over every baseline of that case (baseline median / its median; > 1
 is faster), and the share of the floor it reaches (floor time / median; the
 floor is the work's FLOPs at peak rate or its bytes at peak bandwidth, from
-``benchmarks/conftest.py``). Writes ``report.md`` and ``speedup_<group>.png``
+``benchmarks/conftest.py``). On CUDA the median is that of the CUDA-event
+times of the rounds (device time) when the file has them, else wall time. Writes ``report.md`` and ``speedup_<group>.png``
 (matplotlib, when installed) to ``--out``, and prints the markdown.
 """
 
@@ -32,8 +33,9 @@ def _rows(data: dict) -> dict:
         info = bench.get("extra_info", {})
         if "case" not in info or not bench.get("stats"):
             continue
+        median = info.get("event_median_s", bench["stats"]["median"])
         groups[bench["group"] or "ungrouped"][info["case"]].append(
-            dict(impl=info["impl"], role=info.get("role", "setok"), median=bench["stats"]["median"],
+            dict(impl=info["impl"], role=info.get("role", "setok"), median=median,
                  rounds=bench["stats"]["rounds"], info=info)
         )
     return groups
@@ -49,6 +51,8 @@ def _environment(data: dict) -> str:
         f"- versions: {versions}; python {data.get('machine_info', {}).get('python_version', '?')}",
         f"- floor peaks: {info.get('peak_flops', 0) / 1e12:.3g} TFLOP/s, {info.get('peak_bytes', 0) / 1e9:.3g} GB/s ({info.get('peak_source', '?')})",
     ]
+    if any("event_median_s" in b.get("extra_info", {}) for b in data["benchmarks"]):
+        lines.append("- timing: CUDA events around each round (medians of device time)")
     if commit.get("id"):
         lines.append(f"- commit: {commit['id'][:12]}{' (dirty)' if commit.get('dirty') else ''}")
     return "\n".join(lines)
@@ -65,6 +69,17 @@ def _speed_table(case: str, entries: list) -> list[str]:
         share = f"{100 * floor / e['median']:.2g}%" if floor else "-"
         impl = f"**{e['impl']}**" if e["role"] == "setok" else e["impl"]
         lines.append("| " + " | ".join([impl, _fmt_time(e["median"]), *ratios, share, str(e["rounds"])]) + " |")
+    model = next((e["info"]["h200_model"] for e in entries if e["info"].get("h200_model")), None)
+    return lines + [""] + (_model_lines(model) if model else [])
+
+
+def _model_lines(model: dict) -> list[str]:
+    """The H200 cost model of the case (computed from bytes and FLOPs, not measured), to set the medians against."""
+    lines = [f"H200 model (computed, not measured): forward {_fmt_time(model['fwd_s'])}, "
+             f"forward + backward {_fmt_time(model['fwd_bwd_s'])}", "",
+             "| kernel | config | bytes | FLOPs | time | bound |", "|---|---|---|---|---|---|"]
+    for name, k in model["kernels"].items():
+        lines.append(f"| {name} | {k['config']} | {k['bytes']:.3g} | {k['flops']:.3g} | {_fmt_time(k['time_s'])} | {k['bound']} |")
     return lines + [""]
 
 

@@ -11,11 +11,13 @@ from ._backends import BackendUnavailableError
 from ._validation import DTypeError
 from .functional import (
     ClusterResult,
+    MergeResult,
     Packing,
     assign_to_centers,
     density_delta,
     dpc_cluster,
     knn_density,
+    merge_clusters,
     pack_clusters,
     pad_segments,
     pairwise_distance,
@@ -31,7 +33,7 @@ __version__ = "0.1.0"
 # Each backend module registers its implementations on import; one whose
 # dependency is missing (Triton, the compiled library, flash-attn, xformers)
 # registers with the reason it is unavailable instead of failing.
-from . import _native, attention_backends, triton_attention, triton_dpc  # noqa: E402,F401
+from . import _native, attention_backends, triton_attention, triton_dpc, triton_merge  # noqa: E402,F401
 
 __all__ = [
     "BackendUnavailableError",
@@ -46,6 +48,8 @@ __all__ = [
     "dpc_cluster",
     "pack_clusters",
     "segment_mean",
+    "merge_clusters",
+    "MergeResult",
     "varlen_attention",
     "pad_segments",
     "unpad_segments",

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from . import ops
+from . import _native_abi, ops
 from ._backends import Impl, register
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -24,17 +24,31 @@ _INDICES = (torch.int64, torch.int32)
 
 _SCHEMAS = {
     "native_knn_density": "(Tensor x, int k, Tensor? mask) -> Tensor",
-    "native_density_delta": "(Tensor x, Tensor density, Tensor? mask, bool column_max) -> (Tensor, Tensor)",
-    "native_select_centers": (
-        "(Tensor score, Tensor? mask, float threshold, int min_clusters, int max_clusters) -> (Tensor, Tensor)"
+    "native_density_delta": (
+        "(Tensor x, Tensor density, Tensor? mask, str densest_delta, str tie_break) -> (Tensor, Tensor)"
     ),
-    "native_assign_to_centers": "(Tensor x, Tensor centers, Tensor num_clusters, Tensor? mask) -> Tensor",
+    "native_select_centers": (
+        "(Tensor score, Tensor? mask, float threshold, int min_clusters, int max_clusters, int num_centers,"
+        " str center_order) -> (Tensor, Tensor)"
+    ),
+    "native_assign_to_centers": "(Tensor x, Tensor centers, Tensor num_clusters, Tensor? mask, str metric) -> Tensor",
     "native_dpc_cluster": (
-        "(Tensor x, int k, float threshold, int min_clusters, int max_clusters, Tensor? mask, bool column_max)"
-        " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+        "(Tensor x, int k, float threshold, int min_clusters, int max_clusters, Tensor? mask, str densest_delta,"
+        " int num_centers, str center_order, str tie_break) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
     "native_pack_clusters": "(Tensor labels, Tensor num_clusters, int max_clusters) -> (Tensor, Tensor, Tensor, Tensor)",
-    "native_segment_mean": "(Tensor x, Tensor cu_seqlens) -> Tensor",
+    "native_segment_mean": "(Tensor x, Tensor cu_seqlens, Tensor? weight=None, float eps=0.0) -> Tensor",
+    "native_segment_mean_weighted_backward": (
+        "(Tensor grad, Tensor x, Tensor cu_seqlens, Tensor? weight, float eps) -> (Tensor, Tensor)"
+    ),
+    "native_merge_clusters": (
+        "(Tensor x, Tensor labels, Tensor num_clusters, int max_clusters, Tensor? weight, float eps, Tensor? centers,"
+        " Tensor? center_weight) -> (Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "native_merge_clusters_backward": (
+        "(Tensor grad_tokens, Tensor grad_weight_sum, Tensor x, Tensor labels, Tensor num_clusters, Tensor? weight,"
+        " float eps, Tensor? centers, Tensor? center_weight) -> (Tensor, Tensor, Tensor)"
+    ),
     "native_segment_mean_backward": "(Tensor grad, Tensor cu_seqlens, int num_rows) -> Tensor",
     "native_build_info": "() -> str",
 }
@@ -43,10 +57,11 @@ for _name, _schema in _SCHEMAS.items():
     torch.library.define(f"setok::{_name}", _schema)
 
 
-# the internal ops take their public op's implementation arguments (with
-# densest_delta as a bool), so they share its output shapes
+# the internal ops take their public op's implementation arguments (Impl.fn
+# order, enums as strings), so they share its output shapes
 for _name in ("knn_density", "density_delta", "select_centers", "assign_to_centers", "dpc_cluster",
-              "pack_clusters", "segment_mean", "segment_mean_backward"):
+              "pack_clusters", "segment_mean", "segment_mean_backward", "segment_mean_weighted_backward",
+              "merge_clusters", "merge_clusters_backward"):
     torch.library.register_fake(f"setok::native_{_name}")(getattr(ops, f"{_name}_meta"))
 
 
@@ -67,6 +82,15 @@ def _load() -> tuple[Optional[str], Optional[str], dict]:
     path = _library_path()
     if path is None:
         return None, "compiled library setok_kernels._C not built (pip install --no-build-isolation -e .)", {}
+    built_for = _native_abi.embedded_fingerprint(path)
+    expected = _native_abi.fingerprint(_SCHEMAS)
+    if built_for != expected:
+        # loading it would abort the process (torch checks kernel schemas in
+        # the library's static initialisers), so it is never loaded
+        return path, (
+            f"compiled library {os.path.basename(path)} implements other native op schemas"
+            f" ({built_for or 'unversioned'}, this source needs {expected}): stale build, rebuild it"
+        ), {}
     try:
         torch.ops.load_library(path)
         facts = dict(item.split("=", 1) for item in torch.ops.setok.native_build_info().split(";"))
@@ -113,28 +137,46 @@ def _knn_density(x, k, mask):
     return torch.ops.setok.native_knn_density(x, k, mask)
 
 
-def _density_delta(x, density, mask, densest_delta):
-    return torch.ops.setok.native_density_delta(x, density, mask, densest_delta == "column_max")
+def _density_delta(x, density, mask, densest_delta, tie_break):
+    return torch.ops.setok.native_density_delta(x, density, mask, densest_delta, tie_break)
 
 
-def _select_centers(score, mask, threshold, min_clusters, max_clusters):
-    return torch.ops.setok.native_select_centers(score, mask, threshold, min_clusters, max_clusters)
+def _select_centers(score, mask, threshold, min_clusters, max_clusters, num_centers, center_order):
+    return torch.ops.setok.native_select_centers(
+        score, mask, threshold, min_clusters, max_clusters, num_centers, center_order
+    )
 
 
-def _assign_to_centers(x, centers, num_clusters, mask):
-    return torch.ops.setok.native_assign_to_centers(x, centers, num_clusters, mask)
+def _assign_to_centers(x, centers, num_clusters, mask, metric):
+    return torch.ops.setok.native_assign_to_centers(x, centers, num_clusters, mask, metric)
 
 
-def _dpc_cluster(x, k, threshold, min_clusters, max_clusters, mask, densest_delta):
-    return torch.ops.setok.native_dpc_cluster(x, k, threshold, min_clusters, max_clusters, mask, densest_delta == "column_max")
+def _dpc_cluster(x, k, threshold, min_clusters, max_clusters, mask, densest_delta, num_centers, center_order, tie_break):
+    return torch.ops.setok.native_dpc_cluster(
+        x, k, threshold, min_clusters, max_clusters, mask, densest_delta, num_centers, center_order, tie_break
+    )
 
 
 def _pack_clusters(labels, num_clusters, max_clusters):
     return torch.ops.setok.native_pack_clusters(labels, num_clusters, max_clusters)
 
 
-def _segment_mean(x, cu_seqlens):
-    return torch.ops.setok.native_segment_mean(x, cu_seqlens)
+def _segment_mean(x, cu_seqlens, weight, eps):
+    return torch.ops.setok.native_segment_mean(x, cu_seqlens, weight, eps)
+
+
+def _segment_mean_weighted_backward(grad, x, cu_seqlens, weight, eps):
+    return torch.ops.setok.native_segment_mean_weighted_backward(grad, x, cu_seqlens, weight, eps)
+
+
+def _merge_clusters(x, labels, num_clusters, max_clusters, weight, eps, centers, center_weight):
+    return torch.ops.setok.native_merge_clusters(x, labels, num_clusters, max_clusters, weight, eps, centers, center_weight)
+
+
+def _merge_clusters_backward(grad_tokens, grad_weight_sum, x, labels, num_clusters, weight, eps, centers, center_weight):
+    return torch.ops.setok.native_merge_clusters_backward(
+        grad_tokens, grad_weight_sum, x, labels, num_clusters, weight, eps, centers, center_weight
+    )
 
 
 def _segment_mean_backward(grad, cu_seqlens, num_rows):
@@ -150,6 +192,9 @@ _IMPLS = {
     "pack_clusters": (_pack_clusters, _INDICES),
     "segment_mean": (_segment_mean, _FLOATS),
     "segment_mean_backward": (_segment_mean_backward, _FLOATS),
+    "segment_mean_weighted_backward": (_segment_mean_weighted_backward, _FLOATS),
+    "merge_clusters": (_merge_clusters, _FLOATS),
+    "merge_clusters_backward": (_merge_clusters_backward, _FLOATS),
 }
 
 for _op, (_fn, _dtypes) in _IMPLS.items():

@@ -16,17 +16,18 @@ kernels' designs, to be replaced by benchmark numbers::
 have; beyond 256, or in fp32, only the chunked Triton kernel and the
 memory-efficient kernels remain, and the Triton kernel packs short segments
 into shared tiles). On CPU, auto picks "torch": torch's fused CPU
-flash-attention kernel (forward and backward, both with lse) over the
-reference's length buckets (measured, benchmarks/RESULTS.md, B=4, N=576 in
-power-law segments: 3.02 ms vs the reference's 4.78 ms at H=4, D=32; 4.47 ms vs
-6.23 ms at H=2, D=128); the Triton interpreter must be forced.
+flash-attention kernel (forward and backward, both with lse; float64 too),
+called once per padded length bucket of short segments and once per segment
+for the others, the split measured per bucket (``_CPU_SEGMENT_CALL_MIN_ELEMENTS``);
+the Triton interpreter must be forced.
 
-Every backend returns the setok lse convention: ``(H, Tq)`` float32, natural
-log, ``-inf`` (and output 0) for a row without keys or outside every segment.
+Every backend returns the setok lse convention: ``(H, Tq)`` in the
+accumulation dtype (float32; float64 for float64 inputs), natural log,
+``-inf`` (and output 0) for a row without keys or outside every segment.
 None of them has an lse-based backward entry point that is stable across
 versions, so their backward Impls reuse the Triton backward kernels (the
 reference math where Triton is missing): the same gradients from the same
-``(out, lse)``.
+``(out, lse)``, the gradient of the returned lse included.
 """
 
 from __future__ import annotations
@@ -53,18 +54,18 @@ def _triton_backward():
     return None if triton_attention.triton is None else triton_attention.attention_backward
 
 
-def lse_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale):
+def lse_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale):
     """Gradients from ``(out, lse)`` in the setok convention: the Triton kernels on
     CUDA, else the reference. Shared by the backends below."""
     fn = _triton_backward() if q.is_cuda else None
     fn = fn or reference._varlen_attention_backward
-    return fn(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale)
+    return fn(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale)
 
 
 def _trivial(q, k, cu_q):
     """Output of a call with nothing to attend, or None."""
     if q.shape[0] == 0 or k.shape[0] == 0 or cu_q.numel() < 2:
-        lse = torch.full((q.shape[1], q.shape[0]), -math.inf, dtype=torch.float32, device=q.device)
+        lse = torch.full((q.shape[1], q.shape[0]), -math.inf, dtype=reference.acc_dtype(q.dtype), device=q.device)
         return torch.zeros_like(q), lse
     return None
 
@@ -87,7 +88,7 @@ def _per_segment_lse(lse: torch.Tensor, cu_q: torch.Tensor, Tq: int) -> torch.Te
 def _to_setok_convention(out, lse, cu_q):
     """Kernels leave rows outside every segment unwritten and mark rows without
     keys with lse +inf (flash) or -inf: make both output 0 and lse -inf."""
-    lse = lse.float()
+    lse = lse.to(reference.acc_dtype(out.dtype))
     _, _, inside = _row_segments(cu_q, out.shape[0])
     keyless = ~inside[None, :] | torch.isinf(lse)
     lse = lse.masked_fill(keyless, -math.inf)
@@ -162,7 +163,8 @@ def _cpu_flash():
     """torch's fused CPU attention kernel and its backward (both return / take lse)."""
     fwd = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     bwd = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
-    return (fwd, bwd) if fwd is not None and bwd is not None else None
+    # the overloads themselves: the packets' overload resolution costs microseconds per call
+    return (fwd.default, bwd.default) if fwd is not None and bwd is not None else None
 
 
 def _torch_available() -> Optional[str]:
@@ -174,6 +176,8 @@ def _torch_available() -> Optional[str]:
 def _torch_check(call: CallInfo) -> Optional[str]:
     if call.device.type == "cpu":
         return None if _cpu_flash() is not None else f"torch {torch.__version__} has no CPU flash-attention kernel"
+    if call.dtype == torch.float64:
+        return "float64 runs on the CPU only (torch's CUDA attention kernels take 16-bit and float32)"
     if not torch.cuda.is_available():
         return f"no CUDA device (torch {torch.__version__})"
     return _head_dim_multiple_of_8(call)
@@ -204,43 +208,135 @@ def torch_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale):
     return _to_setok_convention(out, lse, cu_q)
 
 
-def _cpu_groups(q, k, cu_q, cu_k, scale_dtype):
-    """The reference's power-of-two length buckets, with each group's padded row
-    indices and an additive key mask (-inf on padded keys)."""
-    lq, lk, groups = reference._attention_buckets(cu_q, cu_k)
-    cu_q, cu_k = cu_q.to(torch.int64), cu_k.to(torch.int64)
-    for segs, wq, wk in groups:
+# Strategy per length bucket on the CPU, measured (thread CPU time, one thread,
+# float32, torch 2.13; G segments of equal length L, G * L = 1024): one fused
+# call per bucket costs 3.9 / 14.5 / 33 / 54 / 108 us per segment at D = 128
+# and L = 1 / 4 / 8 / 16 / 32, one fused call per segment 27 / 31 / 36 / 40 /
+# 59 us (D = 32, L = 1 / 4 / 16 / 32 / 48: bucket 1.7 / 6.8 / 20 / 42 / 70,
+# segment 26 / 33 / 36 / 45 / 61). A bucket gathers its rows, applies an
+# additive key mask and scatters the output; a segment call pays ~25 us of
+# dispatch and reads views. Break-even is at a padded width W with W * D about
+# 1024 (D = 128: W = 8; D = 32: W = 32) at large G; with fewer than 8 segments
+# the bucket's set-up (about ten small ops) outweighs what it saves.
+_CPU_SEGMENT_CALL_MIN_ELEMENTS = 1024
+_CPU_BUCKET_MIN_SEGMENTS = 8
+
+
+def _bucket_width(n: int) -> int:
+    """``reference._bucket_width`` on a host int."""
+    p = 1 << max(n - 1, 0).bit_length()
+    return p if p <= 16 else -(-n // (p // 4)) * (p // 4)
+
+
+def _cpu_plan(q, cu_q, cu_k):
+    """The reference's length buckets, split by the rule above: ``(padded, single)``,
+    padded groups ``(qi, q_real, ki, k_real, bias)`` (row indices padded to the
+    bucket's widths and an additive key mask, -inf on padded keys) and single
+    segments as host ``(q_begin, q_end, k_begin, k_end)``. Segments without
+    queries or keys are in neither (their rows stay 0). Planned on host lists:
+    with tens of segments, tensor ops would cost more than the plan."""
+    min_rows = _CPU_SEGMENT_CALL_MIN_ELEMENTS / q.shape[-1]
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    single, groups = [], {}
+    for s, (a, b, c, d) in enumerate(zip(cq, cq[1:], ck, ck[1:])):
+        if b <= a or d <= c:
+            continue
+        if max(b - a, d - c) >= min_rows:  # a bucket's width is at least the length
+            single.append((a, b, c, d))
+            continue
+        wq, wk = _bucket_width(b - a), _bucket_width(d - c)
+        if max(wq, wk) >= min_rows:
+            single.append((a, b, c, d))
+        else:
+            groups.setdefault((wq, wk), []).append(s)
+    padded = []
+    for (wq, wk), segs in groups.items():
+        if len(segs) < _CPU_BUCKET_MIN_SEGMENTS:
+            single += [(cq[s], cq[s + 1], ck[s], ck[s + 1]) for s in segs]
+            continue
+        if not padded:
+            cu_q, cu_k = cu_q.to(torch.int64), cu_k.to(torch.int64)
+            lq, lk = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]
+        segs = torch.tensor(segs, device=cu_q.device)
         qi, q_real = reference._padded_rows(cu_q[segs], lq[segs], wq)
         ki, k_real = reference._padded_rows(cu_k[segs], lk[segs], wk)
-        bias = torch.zeros(k_real.shape, dtype=scale_dtype, device=q.device).masked_fill(~k_real, -math.inf)
-        yield qi, q_real, ki, k_real, bias[:, None, None, :]
+        bias = torch.zeros(k_real.shape, dtype=q.dtype, device=q.device).masked_fill(~k_real, -math.inf)
+        padded.append((qi, q_real, ki, k_real, bias[:, None, None, :]))
+    return padded, sorted(single)
+
+
+def _filled_outside(buf, ranges, value):
+    """``buf`` (rows along dim 0) set to ``value`` outside the sorted, disjoint row
+    ``ranges`` (which the caller writes): no fill of rows about to be overwritten."""
+    prev = 0
+    for a, b in ranges:
+        if a > prev:
+            buf[prev:a] = value
+        prev = b
+    buf[prev:] = value
+    return buf
 
 
 def _heads_first(x, rows):
     return x[rows].transpose(1, 2)  # (G, w, H, D) -> (G, H, w, D)
 
 
+def _heads_view(x):
+    """(T, H, D) -> (1, H, T, D), a view (a segment is then one narrow()); the fused
+    kernel reads rows with a unit last stride."""
+    return (x if x.stride(-1) == 1 else x.contiguous()).transpose(0, 1)[None]
+
+
 def _cpu_forward(q, k, v, cu_q, cu_k, scale):
-    """torch's fused CPU flash kernel, one call per length bucket (a host read of the lengths)."""
+    """torch's fused CPU flash kernel per length bucket or per segment (a host read of the lengths)."""
     fwd, _ = _cpu_flash()
     Tq, H, D = q.shape
-    out = q.new_zeros(Tq + 1, H, D)  # row Tq: scratch for padded positions
-    lse = torch.full((Tq + 1, H), -math.inf, dtype=torch.float32, device=q.device)
-    for qi, q_real, ki, _, bias in _cpu_groups(q, k, cu_q, cu_k, q.dtype):
+    padded, single = _cpu_plan(q, cu_q, cu_k)
+    rows = [(a, b) for a, b, _, _ in single]
+    out = _filled_outside(q.new_empty(Tq + 1, H, D), rows, 0)  # row Tq: scratch for padded positions
+    lse = torch.empty((H, Tq + 1), dtype=reference.acc_dtype(q.dtype), device=q.device)
+    _filled_outside(lse.t(), rows, -math.inf)
+    for qi, q_real, ki, _, bias in padded:
         o, l = fwd(_heads_first(q, qi), _heads_first(k, ki), _heads_first(v, ki), 0.0, False, attn_mask=bias, scale=scale)
-        dst = (torch.where(q_real, qi, Tq),)
-        out.index_put_(dst, o.transpose(1, 2))
-        lse.index_put_(dst, l.transpose(1, 2).float())
-    return out[:Tq], lse[:Tq].t().contiguous()
+        dst = torch.where(q_real, qi, Tq)
+        out.index_put_((dst,), o.transpose(1, 2))
+        lse[:, dst] = l.transpose(0, 1).to(lse.dtype)
+    # Python calls per segment are a visible share of a ~30 us segment call: views made once
+    qh, kh, vh, oh, lh = _heads_view(q), _heads_view(k), _heads_view(v), _heads_view(out), lse[None]
+    for a, b, c, d in single:
+        # written at once: holding every segment's output until the end is slower (allocator)
+        o, l = fwd(qh.narrow(2, a, b - a), kh.narrow(2, c, d - c), vh.narrow(2, c, d - c), 0.0, False, scale=scale)
+        oh[:, :, a:b] = o
+        lh[:, :, a:b] = l
+    return out[:Tq], lse[:, :Tq].contiguous()
 
 
-def _cpu_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale):
-    """The fused CPU kernel's backward per bucket; padded query rows carry no gradient."""
+def _with_lse_gradient(dout, dlse, q, k, v, out):
+    """Inputs on which the fused backward (``dS = P * (dP - rowsum(dO * O))``) also
+    applies the lse gradient (``+ P * dlse``): one more head-dim column, 0 in q and
+    k (scores unchanged), 1 in v with ``dlse`` in dO (``dP += dlse``), 0 in O
+    (rowsum unchanged). The extra gradient columns are dropped."""
+    def widen(t, col):
+        return torch.cat([t, col.to(t.dtype).expand(*t.shape[:-1], 1)], -1)
+
+    zero, one = q.new_zeros(()), q.new_ones(())
+    return widen(dout, dlse.t()[..., None]), widen(q, zero), widen(k, zero), widen(v, one), widen(out, zero)
+
+
+def _cpu_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, scale):
+    """The fused CPU kernel's backward with the forward's plan; padded query rows carry no gradient."""
     _, bwd = _cpu_flash()
+    D = q.shape[-1]
+    padded, single = _cpu_plan(q, cu_q, cu_k)
+    if dlse is not None:
+        dout, q, k, v, out = _with_lse_gradient(dout, dlse, q, k, v, out)
     Tq, Tk = q.shape[0], k.shape[0]
-    dq, dk, dv = q.new_zeros(Tq + 1, *q.shape[1:]), k.new_zeros(Tk + 1, *k.shape[1:]), v.new_zeros(Tk + 1, *v.shape[1:])
+    q_rows, k_rows = [(a, b) for a, b, _, _ in single], [(c, d) for _, _, c, d in single]
+    dq = _filled_outside(q.new_empty(Tq + 1, *q.shape[1:]), q_rows, 0)
+    dk = _filled_outside(k.new_empty(Tk + 1, *k.shape[1:]), k_rows, 0)
+    dv = _filled_outside(v.new_empty(Tk + 1, *v.shape[1:]), k_rows, 0)
     lse_rows = lse.t()
-    for qi, q_real, ki, k_real, bias in _cpu_groups(q, k, cu_q, cu_k, q.dtype):
+    for qi, q_real, ki, k_real, bias in padded:
         g = _heads_first(dout, qi) * q_real[:, None, :, None]
         lse_g = lse_rows[qi].transpose(1, 2).contiguous()
         gq, gk, gv = bwd(g, _heads_first(q, qi), _heads_first(k, ki), _heads_first(v, ki), _heads_first(out, qi),
@@ -249,14 +345,21 @@ def _cpu_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale):
         k_dst = (torch.where(k_real, ki, Tk),)
         dk.index_put_(k_dst, gk.transpose(1, 2))
         dv.index_put_(k_dst, gv.transpose(1, 2))
-    return dq[:Tq], dk[:Tk], dv[:Tk]
+    views = [_heads_view(t) for t in (dout, q, k, v, out, dq, dk, dv)]
+    gh, qh, kh, vh, oh, dqh, dkh, dvh = views
+    lh = lse[None]
+    for a, b, c, d in single:
+        gq, gk, gv = bwd(gh.narrow(2, a, b - a), qh.narrow(2, a, b - a), kh.narrow(2, c, d - c), vh.narrow(2, c, d - c),
+                         oh.narrow(2, a, b - a), lh[:, :, a:b].contiguous(), 0.0, False, scale=scale)
+        dqh[:, :, a:b], dkh[:, :, c:d], dvh[:, :, c:d] = gq, gk, gv
+    return dq[:Tq, :, :D], dk[:Tk, :, :D], dv[:Tk, :, :D]
 
 
-def torch_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale):
+def torch_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale):
     """CPU: the fused kernel's own backward; CUDA: the shared lse-based backward."""
     if q.device.type == "cpu" and q.shape[0] > 0 and k.shape[0] > 0 and cu_q.numel() >= 2:
-        return _cpu_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale)
-    return lse_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale)
+        return _cpu_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, scale)
+    return lse_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale)
 
 
 # ------------------------------------------------------------------ xformers
@@ -310,7 +413,7 @@ def _register() -> None:
     table = (
         # name, forward, backward, priority, devices, dtypes, available, check
         ("flash_attn", flash_attn_forward, lse_backward, 10, ("cuda",), _HALF, _flash_available, _flash_check),
-        ("torch", torch_forward, torch_backward, 20, ("cuda", "cpu"), all_dtypes, _torch_available, _torch_check),
+        ("torch", torch_forward, torch_backward, 20, ("cuda", "cpu"), all_dtypes + (torch.float64,), _torch_available, _torch_check),
         ("xformers", xformers_forward, lse_backward, 40, ("cuda",), all_dtypes, _xformers_available, _head_dim_multiple_of_8),
     )
     for name, forward, backward, priority, devices, dtypes, available, check in table:

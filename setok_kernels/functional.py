@@ -1,7 +1,13 @@
 """The Python functions in front of ``torch.ops.setok.*``.
 
 They validate arguments (SPEC.md "Conventions") before any kernel runs, fill
-in defaults, and wrap tuple outputs in NamedTuples. ``backend=None`` defers to
+in defaults, and wrap tuple outputs in NamedTuples. The rules live in
+``_validation`` and the custom ops run them too, whoever calls them: metadata
+(shapes, dtypes, devices, enum strings, sizes) always, without a sync; values
+(offsets, labels, centres in range) always on CPU tensors, where reading them
+costs no sync, and on CUDA only with ``validate=True``. With validation off on
+CUDA, kernels clamp offsets and indices to their buffers: wrong input then
+gives unspecified values, never an out-of-bounds access. ``backend=None`` defers to
 ``SETOK_BACKEND`` / ``SETOK_ATTN_BACKEND`` (read inside the op, so a compiled
 graph follows the environment of the call).
 """
@@ -16,7 +22,8 @@ from torch import Tensor
 from . import _validation as V
 from . import ops as _ops
 from ._backends import normalize_backend
-from .reference import ClusterResult, Packing, pad_segments, unpad_segments
+from . import reference as _reference
+from .reference import ClusterResult, MergeResult, Packing
 
 __all__ = [
     "ClusterResult",
@@ -29,6 +36,8 @@ __all__ = [
     "dpc_cluster",
     "pack_clusters",
     "segment_mean",
+    "merge_clusters",
+    "MergeResult",
     "varlen_attention",
     "pad_segments",
     "unpad_segments",
@@ -39,16 +48,9 @@ def _backend(backend: Optional[str], family: str = "dpc") -> str:
     return "" if backend is None else normalize_backend(backend, family)
 
 
-def _features_and_mask(x, mask, validate, check_finite, k=None):
-    B, N, C = V.features(x)
-    V.mask(mask, B, N, x)
-    if k is not None:
-        V.k_neighbours(k, N)
-    if V.should_validate(validate, x, mask):
-        V.real_counts_at_least(mask, B, N, k or 1)
+def _finite(x, mask, check_finite: bool) -> None:
     if check_finite:
         V.finite(x, "x", mask)
-    return B, N, C
 
 
 def pairwise_distance(x: Tensor, mask: Optional[Tensor] = None, *, backend: Optional[str] = None) -> Tensor:
@@ -56,7 +58,7 @@ def pairwise_distance(x: Tensor, mask: Optional[Tensor] = None, *, backend: Opti
 
     Materialises N x N: for debugging and baselines only.
     """
-    _features_and_mask(x, mask, False, False)
+    V.check_pairwise_distance(x, mask)
     return _ops.pairwise_distance(x.detach(), mask, _backend(backend))
 
 
@@ -69,8 +71,13 @@ def knn_density(
     validate: Optional[bool] = None,
     check_finite: bool = False,
 ) -> Tensor:
-    """``exp(-mean d^2 over the k nearest real tokens, self included)``; 0 where masked."""
-    _features_and_mask(x, mask, validate, check_finite, k)
+    """``exp(-mean d^2 over the k nearest real tokens, self included)``; 0 where masked.
+
+    An image with fewer real tokens than k uses them all; ``validate`` has no
+    value check to run here (kept for a uniform signature).
+    """
+    V.check_knn_density(x, k, mask)
+    _finite(x, mask, check_finite)
     return _ops.knn_density(x.detach(), k, mask, _backend(backend))
 
 
@@ -79,15 +86,19 @@ def density_delta(
     density: Tensor,
     mask: Optional[Tensor] = None,
     densest_delta: str = "column_max",
+    tie_break: str = "none",
     *,
     backend: Optional[str] = None,
     validate: Optional[bool] = None,
 ) -> tuple[Tensor, Tensor]:
-    """``(delta, parent)``: distance to (and index of) the nearest strictly denser token."""
-    B, N, _ = _features_and_mask(x, mask, validate, False)
-    V.per_token(density, B, N, x, "density", dtypes=V.FLOAT_DTYPES)
-    V.densest_delta(densest_delta)
-    return _ops.density_delta(x.detach(), density.detach(), mask, densest_delta, _backend(backend))
+    """``(delta, parent)``: distance to (and index of) the nearest denser token, delta capped (SPEC.md).
+
+    ``tie_break="index"``: of two tokens of equal density the lower index
+    counts as denser (the deterministic form of the random noise TCFormer and
+    its descendants add); the default ``"none"`` is exact SeTok.
+    """
+    V.check_density_delta(x, density, mask, densest_delta, tie_break)
+    return _ops.density_delta(x.detach(), density.detach(), mask, densest_delta, tie_break, _backend(backend))
 
 
 def select_centers(
@@ -96,21 +107,25 @@ def select_centers(
     min_clusters: int = 8,
     max_clusters: Optional[int] = None,
     mask: Optional[Tensor] = None,
+    num_centers: Optional[int] = None,
+    center_order: str = "index",
     *,
     backend: Optional[str] = None,
 ) -> tuple[Tensor, Tensor]:
-    """``(centers (B, M) ascending, -1 padded; num_clusters (B,))`` from per-token scores."""
-    V.tensor(score, "score")
-    if score.dim() != 2:
-        raise ValueError(f"score must have shape (B, N), got {tuple(score.shape)}")
-    if score.dtype not in V.FLOAT_DTYPES:
-        raise V.DTypeError(f"score must be a floating tensor, got {score.dtype}")
-    B, N = score.shape
-    V.mask(mask, B, N, score, "score")
-    threshold = V.threshold(threshold)
-    V.positive(min_clusters, "min_clusters")
-    M = N if max_clusters is None else V.positive(max_clusters, "max_clusters")
-    return _ops.select_centers(score.detach(), threshold, min_clusters, M, mask, _backend(backend))
+    """``(centers (B, M), -1 padded; num_clusters (B,))`` from per-token scores.
+
+    ``num_centers=n``: exactly the n highest scores per image (ties: lower
+    index; all real tokens if fewer), no threshold, ``M = n``. Centres are in
+    ascending index, or by descending score with ``center_order="score"``.
+    """
+    if num_centers:
+        M = num_centers if max_clusters is None else max_clusters
+    else:
+        M = V.floating(score, "score", "B, N").shape[1] if max_clusters is None else max_clusters
+    V.check_select_centers(score, threshold, min_clusters, M, mask, num_centers or 0, center_order)
+    return _ops.select_centers(
+        score.detach(), float(threshold), min_clusters, M, mask, num_centers or 0, center_order, _backend(backend)
+    )
 
 
 def assign_to_centers(
@@ -118,28 +133,20 @@ def assign_to_centers(
     centers: Tensor,
     num_clusters: Tensor,
     mask: Optional[Tensor] = None,
+    metric: str = "euclidean",
     *,
     backend: Optional[str] = None,
     validate: Optional[bool] = None,
 ) -> Tensor:
-    """Label of each real token: position of its nearest centre (earlier centre on ties)."""
-    B, N, _ = V.features(x)
-    V.mask(mask, B, N, x)
-    V.tensor(centers, "centers")
-    if centers.dim() != 2 or centers.shape[0] != B:
-        raise ValueError(f"centers must have shape (B, M) with B = {B}, got {tuple(centers.shape)}")
-    if centers.dtype not in V.INDEX_DTYPES:
-        raise V.DTypeError(f"centers must be int32 or int64, got {centers.dtype}")
-    V.same_device(centers, "centers", x, "x")
-    V.tensor(num_clusters, "num_clusters")
-    if num_clusters.shape != (B,):
-        raise ValueError(f"num_clusters must have shape (B,) = ({B},), got {tuple(num_clusters.shape)}")
-    if num_clusters.dtype not in V.INDEX_DTYPES:
-        raise V.DTypeError(f"num_clusters must be int32 or int64, got {num_clusters.dtype}")
-    V.same_device(num_clusters, "num_clusters", x, "x")
-    if V.should_validate(validate, x):
-        V.centers_values(centers, num_clusters, N, mask)
-    return _ops.assign_to_centers(x.detach(), centers.long(), num_clusters.long(), mask, _backend(backend))
+    """Label of each real token: position of its nearest centre (earlier centre on ties).
+
+    ``metric="cosine"``: the centre of largest cosine similarity (a zero
+    vector has similarity 0 to everything).
+    """
+    V.check_assign_to_centers(x, centers, num_clusters, mask, metric, ints=V.INDEX_DTYPES)
+    if V.validate_on_device(validate, x):
+        V.assign_to_centers_values(x, centers, num_clusters, mask)
+    return _ops.assign_to_centers(x.detach(), centers.long(), num_clusters.long(), mask, metric, _backend(backend))
 
 
 def dpc_cluster(
@@ -150,6 +157,9 @@ def dpc_cluster(
     max_clusters: Optional[int] = None,
     mask: Optional[Tensor] = None,
     densest_delta: str = "column_max",
+    num_centers: Optional[int] = None,
+    center_order: str = "index",
+    tie_break: str = "none",
     *,
     backend: Optional[str] = None,
     validate: Optional[bool] = None,
@@ -157,16 +167,32 @@ def dpc_cluster(
 ) -> ClusterResult:
     """DPC-kNN clustering of each image's real tokens (SPEC.md); no host sync.
 
-    ``centers`` has ``M = max_clusters or N`` columns. With validation off an
-    image's k is clamped to its real-token count, and an image without real
-    tokens gets no cluster.
+    ``centers`` has ``M = max_clusters or N`` columns. An image's k is
+    clamped to its real-token count, and an image without real tokens gets no
+    cluster (labels -1). ``validate`` has no value check to run here.
+
+    Drop-in options (TCFormer family): ``num_centers=n`` takes exactly the n
+    highest scores per image (``M = n``, no threshold); ``center_order="score"``
+    numbers centres, and so labels, by descending score; ``tie_break="index"``
+    makes the lower index the denser of two equal densities.
+
+    Magnitudes: every backend centres each image (distances use differences
+    or mean-centred features) and scales it by a power of two before taking
+    distances, so no finite ``x`` is refused and none gives NaN: where the
+    float32 squared distances overflow (|x - mean| ~ 1e19) densities are 0
+    and scores 0; where they underflow (~1e-20) densities are 1; both as in
+    exact arithmetic rounded to float32. A distance beyond the float32 range
+    (|x| ~ 1e38) gives ``delta = inf``. NaN or Inf in ``x`` raise with
+    ``check_finite=True``; otherwise they change only their own image.
     """
-    _, N, _ = _features_and_mask(x, mask, validate, check_finite, k)
-    threshold = V.threshold(threshold)
-    V.positive(min_clusters, "min_clusters")
-    M = N if max_clusters is None else V.positive(max_clusters, "max_clusters")
-    V.densest_delta(densest_delta)
-    out = _ops.dpc_cluster(x.detach(), k, threshold, min_clusters, M, mask, densest_delta, _backend(backend))
+    if num_centers:
+        M = num_centers if max_clusters is None else max_clusters
+    else:
+        M = V.floating(x, "x", "B, N, C").shape[1] if max_clusters is None else max_clusters
+    args = (k, threshold, min_clusters, M, mask, densest_delta, num_centers or 0, center_order, tie_break)
+    V.check_dpc_cluster(x, *args)
+    _finite(x, mask, check_finite)
+    out = _ops.dpc_cluster(x.detach(), k, float(threshold), *args[2:], _backend(backend))
     return ClusterResult(*out)
 
 
@@ -190,46 +216,69 @@ def pack_clusters(
     - ``max_seqlen``: a 0-dim int64 tensor (reading it is the caller's sync).
     """
     V.tensor(labels, "labels")
-    if labels.dim() != 2:
-        raise ValueError(f"labels must have shape (B, N), got {tuple(labels.shape)}")
-    if labels.dtype not in V.INDEX_DTYPES:
-        raise V.DTypeError(f"labels must be int32 or int64, got {labels.dtype}")
-    B, N = labels.shape
-    V.tensor(num_clusters, "num_clusters")
-    if num_clusters.shape != (B,):
-        raise ValueError(f"num_clusters must have shape (B,) = ({B},), got {tuple(num_clusters.shape)}")
-    if num_clusters.dtype not in V.INDEX_DTYPES:
-        raise V.DTypeError(f"num_clusters must be int32 or int64, got {num_clusters.dtype}")
-    V.same_device(num_clusters, "num_clusters", labels, "labels")
-    M = N if max_clusters is None else V.positive(max_clusters, "max_clusters")
-    if V.should_validate(validate, labels):
-        V.labels_values(labels, num_clusters, M)
+    M = labels.shape[-1] if max_clusters is None else max_clusters
+    V.check_pack_clusters(labels, num_clusters, M)
+    if V.validate_on_device(validate, labels):
+        V.pack_clusters_values(labels, num_clusters, M)
     return Packing(*_ops.pack_clusters(labels.long(), num_clusters.long(), M, _backend(backend)))
-
-
-def _check_offsets(cu, arg, total, total_arg, validate, ref, ref_arg):
-    S = V.cu_seqlens(cu, arg)
-    V.same_device(cu, arg, ref, ref_arg)
-    if V.should_validate(validate, cu):
-        V.offsets_values(cu, arg, total, total_arg)
-    return S
 
 
 def segment_mean(
     x: Tensor,
     cu_seqlens: Tensor,
     *,
+    weight: Optional[Tensor] = None,
+    eps: float = 0.0,
     backend: Optional[str] = None,
     validate: Optional[bool] = None,
 ) -> Tensor:
-    """``(S, C)`` mean of each segment of the packed ``x (T, C)``; 0 for an empty segment."""
-    V.tensor(x, "x")
-    if x.dim() != 2:
-        raise ValueError(f"x must have shape (T, C), got {tuple(x.shape)}")
-    if x.dtype not in V.FLOAT_DTYPES:
-        raise V.DTypeError(f"x must be a floating tensor, got {x.dtype}")
-    _check_offsets(cu_seqlens, "cu_seqlens", x.shape[0], "x", validate, x, "x")
-    return _ops.segment_mean(x, cu_seqlens, _backend(backend))
+    """``(S, C)`` weighted mean ``sum(w x) / (sum(w) + eps)`` of each segment of the packed ``x (T, C)``.
+
+    ``weight (T,)`` defaults to 1 per row; differentiable in ``x`` and ``weight``.
+    A segment whose denominator is 0 (empty, with ``eps = 0``) gives 0.
+    """
+    V.check_segment_mean(x, cu_seqlens, weight, eps)
+    if V.validate_on_device(validate, x):
+        V.segment_mean_values(x, cu_seqlens)
+    return _ops.segment_mean(x, cu_seqlens, _backend(backend), weight, float(eps))
+
+
+def merge_clusters(
+    x: Tensor,
+    labels: Tensor,
+    num_clusters: Tensor,
+    max_clusters: Optional[int] = None,
+    *,
+    weight: Optional[Tensor] = None,
+    eps: float = 0.0,
+    centers: Optional[Tensor] = None,
+    center_weight=None,
+    backend: Optional[str] = None,
+    validate: Optional[bool] = None,
+) -> MergeResult:
+    """Merge each cluster's tokens into one, fused and sync-free: a :class:`MergeResult`.
+
+    Slot ``m < num_clusters[b]`` (``M = max_clusters or N`` slots) gets
+    ``sum(w x) / (sum(w) + eps)`` over the tokens with ``labels == m``
+    (``w = weight``, default 1; label -1 is in no cluster), the same as
+    ``pack_clusters`` + ``segment_mean`` + ``pad_segments`` in one pass.
+    With ``centers (B, M)`` and ``center_weight = a`` (a float or a (B, M)
+    tensor) it gets ``a * x[centre] + (1 - a) * (weighted mean of the
+    other members)``, and a cluster whose centre is its only member gets the
+    centre itself. ``counts`` include the centre; ``weight_sum`` is
+    ``sum(w)`` without eps. Empty slots hold 0. Differentiable in ``x``,
+    ``weight`` and a tensor ``center_weight``; also through ``weight_sum``.
+    """
+    B, N, _ = V.features(x)
+    M = N if max_clusters is None else V.positive(max_clusters, "max_clusters")
+    if center_weight is not None and not isinstance(center_weight, Tensor):
+        a = V.number(center_weight, "center_weight")
+        center_weight = torch.full((B, M), a, dtype=_ops.acc_dtype(x.dtype), device=x.device)
+    V.check_merge_clusters(x, labels, num_clusters, M, weight, eps, centers, center_weight)
+    if V.validate_on_device(validate, x):
+        V.merge_clusters_values(x, labels, num_clusters, M, centers)
+    out = _ops.merge_clusters(x, labels, num_clusters, M, weight, float(eps), centers, center_weight, _backend(backend))
+    return MergeResult(*out)
 
 
 def varlen_attention(
@@ -251,38 +300,25 @@ def varlen_attention(
     ``cu_seqlens_k=None`` is self-attention over the same segments. A query
     row with no keys gets 0. ``max_seqlen_*`` are host ints; when None the
     static bound (the packed length) is used, never a device read.
-    ``return_lse=True`` also returns the log-sum-exp ``(H, Tq)`` float32.
+    ``return_lse=True`` also returns the log-sum-exp ``(H, Tq)`` (natural log, -inf
+    for rows without keys) in the accumulation dtype: float32, float64 for float64
+    inputs. It is differentiable: its gradient flows into q and k.
     """
-    for t, arg in ((q, "q"), (k, "k"), (v, "v")):
-        V.tensor(t, arg)
-        if t.dim() != 3:
-            raise ValueError(f"{arg} must have shape (T, H, D), got {tuple(t.shape)}")
-        if t.dtype not in V.FLOAT_DTYPES:
-            raise V.DTypeError(f"{arg} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise V.DTypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    V.same_device(k, "k", q, "q")
-    V.same_device(v, "v", q, "q")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[1:] != q.shape[1:]:
-        raise ValueError(f"q and k must have the same (H, D), got {tuple(q.shape[1:])} and {tuple(k.shape[1:])}")
     self_attention = cu_seqlens_k is None
     cu_k = cu_seqlens_q if self_attention else cu_seqlens_k
-    S = _check_offsets(cu_seqlens_q, "cu_seqlens_q", q.shape[0], "q", validate, q, "q")
-    S_k = _check_offsets(cu_k, "cu_seqlens_k", k.shape[0], "k", validate, q, "q")
-    if S != S_k:
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length, got {S + 1} and {S_k + 1}")
+    # the op's own check, with neutral stand-ins for the arguments still to default
+    V.check_varlen_attention(
+        q, k, v, cu_seqlens_q, cu_k,
+        0 if max_seqlen_q is None else max_seqlen_q, 0 if max_seqlen_k is None else max_seqlen_k, 1.0 if scale is None else scale,
+    )
     if self_attention and k.shape[0] != q.shape[0]:
         raise ValueError("self-attention (cu_seqlens_k=None) needs k and v with as many rows as q")
-    max_q = q.shape[0] if max_seqlen_q is None else V.integer(max_seqlen_q, "max_seqlen_q")
-    max_k = (max_q if self_attention and max_seqlen_k is None else k.shape[0]) if max_seqlen_k is None else V.integer(max_seqlen_k, "max_seqlen_k")
-    if max_q < 0 or max_k < 0:
-        raise ValueError("max_seqlen_q and max_seqlen_k must be >= 0")
+    max_q = q.shape[0] if max_seqlen_q is None else max_seqlen_q
+    max_k = (max_q if self_attention else k.shape[0]) if max_seqlen_k is None else max_seqlen_k
     if scale is None:
         scale = _ops.default_scale(q.shape[-1])
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float, got {type(scale).__name__}")
+    if V.validate_on_device(validate, q):
+        V.varlen_attention_values(q, k, cu_seqlens_q, cu_k, max_q, max_k)
     name = _backend(backend, "attention")
     if name:
         # resolve "auto" here, knowing whether gradients are needed
@@ -292,3 +328,23 @@ def varlen_attention(
     cu_k = cu_q if self_attention else cu_seqlens_k
     out, lse = _ops.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, float(scale), name)
     return (out, lse) if return_lse else out
+
+
+def pad_segments(x: Tensor, cu_clusters: Tensor, max_clusters: int, *, validate: Optional[bool] = None):
+    """Packed segment rows ``x (S, ...)`` -> ``(B, M, ...)`` and a key mask ``(B, M)``.
+
+    Image b's rows are ``x[cu_clusters[b]:cu_clusters[b+1]]``; differentiable in x.
+    Offsets outside x (CUDA, validation off) give empty slots.
+    """
+    V.check_pad_segments(x, cu_clusters, max_clusters)
+    if V.run_values(validate, x, cu_clusters):
+        V.pad_segments_values(x, cu_clusters, max_clusters)
+    return _reference.pad_segments(x, cu_clusters, max_clusters)
+
+
+def unpad_segments(padded: Tensor, key_mask: Tensor, cu_clusters: Tensor, num_rows: int, *, validate: Optional[bool] = None):
+    """Inverse of :func:`pad_segments`: ``(B, M, ...)`` -> ``(num_rows, ...)`` packed."""
+    V.check_unpad_segments(padded, key_mask, cu_clusters, num_rows)
+    if V.run_values(validate, padded, cu_clusters):
+        V.offsets_values(cu_clusters, "cu_clusters", num_rows, "num_rows")
+    return _reference.unpad_segments(padded, key_mask, cu_clusters, num_rows)

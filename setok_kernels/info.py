@@ -1,8 +1,11 @@
 """``python -m setok_kernels.info``: what runs here, and why the rest does not.
 
-Prints versions, devices, the compiled library's state, and for every op each
-backend in ``auto`` order with the reason it declines a typical call (or
-"ok"). ``--json`` prints the same as JSON.
+Prints versions, devices, how the native library was built (the record
+setup.py wrote: toolkit found, parts built, architectures) and its state now,
+the CUDA toolkit visible now, and for every op each backend in ``auto`` order
+with the reason it declines a typical call (or "ok"). ``--json`` prints the
+same as JSON. ``--compile sm_90 sm_80`` compiles every Triton launch
+configuration for those GPUs instead (setok_kernels/compile_proof.py).
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ import torch
 
 import setok_kernels
 
-from . import _backends
+from . import _backends, _cuda_toolkit
 from ._backends import CallInfo
+
+_BUILD_RECORD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build.json")
 
 # Static facts of a typical call, per op family, for the support report.
 _TYPICAL = dict(B=8, N=576, C=1152, k=64, M=576, S=512, head_dim=128, heads=2, Tq=4608, Tk=4608, max_seqlen_q=128, max_seqlen_k=128)
@@ -46,6 +51,24 @@ def _dtype_for(op: str, device: str) -> torch.dtype:
     return torch.bfloat16 if device == "cuda" else torch.float32
 
 
+def _build_record() -> Optional[dict]:
+    try:
+        with open(_BUILD_RECORD) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _toolkit() -> dict:
+    toolkit = _cuda_toolkit.find()
+    return {
+        "home": toolkit.home,
+        "source": toolkit.source,
+        "nvcc": _cuda_toolkit.nvcc_version(toolkit.nvcc) if toolkit.nvcc else None,
+        "skipped": [f"{path}: {why}" for path, why in toolkit.rejected],
+    }
+
+
 def collect() -> dict:
     native = None
     if "setok_kernels._native" in sys.modules:
@@ -60,6 +83,8 @@ def collect() -> dict:
         "xformers": _version("xformers"),
         "devices": [torch.cuda.get_device_name(0) if d == "cuda" else platform.processor() or "cpu" for d in _devices()],
         "env": {k: os.environ[k] for k in ("SETOK_BACKEND", "SETOK_ATTN_BACKEND", "TRITON_INTERPRET") if k in os.environ},
+        "build": _build_record(),
+        "cuda_toolkit": _toolkit(),
         "native": native,
         "ops": {},
     }
@@ -82,6 +107,16 @@ def _print(report: dict) -> None:
     print(f"devices: {', '.join(report['devices'])}")
     if report["env"]:
         print("environment: " + ", ".join(f"{k}={v}" for k, v in report["env"].items()))
+    build = report["build"]
+    if build is None:
+        print("build: no record (setok_kernels/_build.json: install with pip install --no-build-isolation -e .)")
+    else:
+        print("build: " + ", ".join(f"{k}={v}" for k, v in build.items() if v not in (None, [])))
+    toolkit = report["cuda_toolkit"]
+    print(f"CUDA toolkit now: {toolkit['home'] or 'none'} ({toolkit['source']}"
+          + (f", nvcc {toolkit['nvcc']}" if toolkit["nvcc"] else "") + ")")
+    for skipped in toolkit["skipped"]:
+        print(f"  skipped {skipped}")
     native = report["native"]
     if native is None:
         print("native library: module not present")
@@ -99,7 +134,14 @@ def _print(report: dict) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="setok info", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--compile", nargs="+", metavar="ARCH",
+                        help="compile every Triton launch config for these targets (e.g. sm_90 sm_80), no GPU needed")
+    parser.add_argument("--jobs", type=int, default=0, help="parallel compiles for --compile (default: all cores)")
     args = parser.parse_args(argv)
+    if args.compile:
+        from . import compile_proof
+
+        return compile_proof.main(args.compile, args.jobs)
     report = collect()
     if args.json:
         print(json.dumps(report, indent=2, default=str))

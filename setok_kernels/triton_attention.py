@@ -5,47 +5,68 @@ Tiling: packed tiles with an in-tile block-diagonal mask
 SeTok attends inside clusters of a few to a few hundred tokens. A kernel that
 gives every segment its own 64-128-row q tile (flash-attn's varlen grid:
 ``segments x cdiv(max_seqlen, BLOCK)``) spends a whole tile on a 3-token
-cluster. Here a program owns ``BLOCK_M`` *consecutive packed rows* whatever
+cluster. Here a program *owns* ``BLOCK_M`` consecutive packed rows whatever
 segments they belong to. Each row looks up its segment by binary search on
 ``cu_seqlens`` (on device, in the kernel), which gives its key range
-``[kb, ke)``; the program walks the union of its rows' key ranges in
-``BLOCK_N`` blocks and masks every (row, key) pair outside the row's own range,
+``[kb, ke)``; the program *walks* the union of its rows' key ranges in
+``BLOCK_N`` blocks starting at the first key of that union (not at a multiple
+of ``BLOCK_N``), and masks every (row, key) pair outside the row's own range,
 so one tile serves many short segments (a block-diagonal mask) and a long
 segment is tiled as usual. The grid is ``(cdiv(Tq, BLOCK_M), H)``: sized from
 shapes only, with no host sync, no per-call table, and no dependence on
-``max_seqlen_*`` (a loose static bound costs nothing). We chose this over a
-flattened (segment, q-block) table, which still pads each short segment to a
-tile, and over length buckets, which read lengths on the host. The cost: a
-tile that straddles two long segments walks both key ranges; and in
-cross-attention, segments with keys but no queries that lie between a tile's
-first and last segment are walked (masked) too.
+``max_seqlen_*``. The backward's dk/dv kernel is the transpose: it owns
+``BLOCK_N`` keys and walks their queries in ``BLOCK_M`` blocks.
 
-Large head dims: chunked D, accumulators in an fp32 workspace
----------------------------------------------------------------
-A (BLOCK_M, 2048) fp32 accumulator does not fit in registers. Scores are
-accumulated over ``BLOCK_D`` chunks of the head dim (``q_c @ k_c^T``), then
-``P @ v_c`` is formed per chunk. The running sum of the chunks of earlier key
-blocks lives in global memory (the fp32 output when the input is fp32, else an
-fp32 workspace), rescaled on the fly: the first key block of a tile writes it
-without reading, the last writes the normalised output directly. For short
-segments a tile usually has one or two key blocks, so the workspace is rarely
-touched and q, k, v are read about once. The backward uses the same scheme for
-dq (one kernel over q tiles) and dk, dv (one kernel over key tiles, which walks
-the union of its keys' query ranges), with no atomics: deterministic.
+Own and walk sizes are chosen apart: the walk block is at least the own block
+plus about two short segments, so that in the tokenizer's regime (segments of
+1-64 tokens) a tile's partners fit in ONE walk block. Then S, P, dP and dS
+live in registers for the whole tile, every output row is written once, and
+nothing goes through global memory but q, k, v, dO in and O, dq, dk, dv out.
 
-Conventions (ops.py): ``lse (H, Tq)`` float32, natural log, ``-inf`` for a row
-without keys (output 0, zero gradients). Inputs fp16, bf16, fp32; fp32
-accumulation; fp32 matmuls in IEEE precision (no TF32).
+Head dims: resident accumulators up to BLOCK_D, chunked beyond
+--------------------------------------------------------------
+When the head dim fits one ``BLOCK_D`` chunk (up to 256 in 16-bit), the
+output accumulator (and dq, or dk and dv) stays in registers across walk
+blocks: flash-attention proper. A (64, 2048) fp32 accumulator fits nowhere on
+chip, so for larger head dims scores are accumulated over ``BLOCK_D`` chunks
+(``q_c @ k_c^T``) and ``P @ v_c`` is formed per chunk. With one walk block the
+chunk is final and stored at once. Only a tile that walks several blocks (a
+segment longer than the walk block) keeps the running sum of earlier blocks in
+a workspace: the fp32 output itself, or rows of a workspace that belong to
+that program alone, ordered by a CTA barrier after each block (its threads
+read back what other threads of the same program wrote). No workspace is
+shared between programs and nothing is accumulated atomically: deterministic.
+
+The walk is a ``while`` loop because its trip count is computed in the kernel:
+triton 3.6's interpreter holds such scalars as one-element arrays, which it
+cannot pass to ``range()`` under numpy >= 2.4 (every loop bounded by an
+argument is bounded by a constexpr for the same reason). On the GPU this gives
+up software pipelining across walk blocks only; the head-dim chunk loops are
+``for`` loops and pipelined, and short-segment tiles walk one block.
+
+Backward: ``delta = rowsum(dO * O) - dlse`` is computed once per row by a
+preprocessing kernel (dlse is the gradient of the returned lse:
+``d lse_i / d s_ij = P_ij``, so ``dS = P * (dP - delta)`` covers both). Then
+one kernel writes dq (q tiles) and one writes dk, dv (key tiles).
+
+Precision: ``lse (H, Tq)``, every statistic and accumulator in float32 for
+16-bit and float32 inputs and in float64 for float64 (CPU interpreter only);
+natural log, ``-inf`` for a row without keys (output 0, zero gradients).
+float32 matmuls run in IEEE precision unless the caller opts into TF32 the way
+torch does (``torch.backends.cuda.matmul.allow_tf32 = True``, e.g. via
+``torch.set_float32_matmul_precision("high")``).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
 
 from ._backends import CallInfo, Impl, register
+from .reference import acc_dtype
 
 try:
     import triton
@@ -56,23 +77,87 @@ except Exception as exc:  # triton is optional: register with the reason instead
     triton = tl = None
     _IMPORT_ERROR = f"triton is not importable ({type(exc).__name__}: {exc})"
 
-__all__ = ["attention_forward", "attention_backward", "block_sizes"]
+__all__ = ["attention_forward", "attention_backward", "configs", "gpu_configs", "INTERPRETER_CONFIG"]
 
 _LOG2E = 1.4426950408889634
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# ------------------------------------------------------------------ launch configurations
+# (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) per kernel and (dtype class,
+# head-dim bucket: D <= 64, 128, 256, larger); triton.autotune picks among them
+# on the GPU, keyed on the head dim, the matmul precision and the dtypes.
+# Speed UNMEASURED ON GPU; every entry compiles for sm_90 (triton 3.9, ptxas)
+# with no register spill, 16-bit ones with HGMMA; registers per thread in the
+# comments. Candidates that spilled were dropped (e.g. a resident 128-wide dq or
+# dk/dv accumulator, 64x64 tiles with 4 warps at D >= 256). The reasons:
+# - BLOCK_M (query rows per tile) is 64 or 128 in 16-bit: sm_90's wgmma works on
+#   64-row warpgroup tiles, and a 32-row tile compiles to mma.sync.
+# - the walk block (BLOCK_N in fwd/dq, BLOCK_M in dk/dv) is twice the own block
+#   where registers allow: own rows + about two short segments fit in one walk
+#   block, so tiles of short segments never touch a workspace (module doc).
+# - BLOCK_D = the whole (padded) head dim where the accumulators then fit in
+#   registers (forward up to 256, dq up to 64, dk/dv up to 64 in 16-bit);
+#   beyond, 32/64/128-wide chunks.
+# - fp32 runs IEEE FMA dots (no tensor cores, so no 64-row constraint) whose
+#   operands live in registers: 16-32-wide chunks.
+_F16_FWD = {
+    64: [(64, 128, 64, 4, 2), (128, 128, 64, 8, 2), (64, 64, 64, 4, 2)],  # 240, 234, 158
+    128: [(64, 128, 128, 8, 2), (64, 64, 128, 4, 2)],  # 252, 228
+    256: [(64, 64, 256, 8, 1), (64, 128, 128, 8, 2), (64, 128, 64, 8, 2)],  # 254, 236, 218
+    512: [(64, 128, 64, 8, 2), (64, 128, 128, 8, 2)],  # 216, 250
+}
+_F16_DQ = {
+    64: [(64, 128, 64, 4, 2), (128, 128, 64, 8, 2), (64, 64, 64, 4, 2)],  # 227, 209, 168
+    128: [(64, 128, 64, 8, 2), (64, 64, 64, 4, 2)],  # 228, 232
+    256: [(64, 128, 64, 8, 2), (64, 64, 128, 8, 2)],  # 234, 224
+    512: [(64, 128, 64, 8, 2), (64, 64, 64, 8, 2)],  # 232, 180
+}
+# dk/dv: BLOCK_N keys own, BLOCK_M query rows walked; two accumulators.
+_F16_DKDV = {
+    64: [(64, 64, 64, 4, 2), (128, 64, 32, 8, 2)],  # 222, -
+    128: [(128, 64, 64, 8, 2), (128, 64, 32, 8, 2)],  # 246, 238
+    256: [(128, 64, 32, 8, 2), (64, 64, 64, 8, 2)],  # 238, 230
+    512: [(128, 64, 32, 8, 2), (64, 64, 64, 8, 2), (64, 64, 32, 4, 2)],  # 236, 225, 238
+}
+_F32_FWD = [(32, 64, 32, 4, 2), (64, 64, 32, 8, 2)]  # 152-156, 151-182 (spills 8 B resident at D <= 32)
+_F32_DQ = [(64, 64, 16, 8, 2)]  # 190-194
+_F32_DKDV = [(64, 64, 16, 8, 2)]  # 192-204
+_FWD = {**{("16", b): c for b, c in _F16_FWD.items()}, **{("32", b): _F32_FWD for b in _F16_FWD}}
+_FWD[("32", 64)] = _F32_FWD[:1]
+_DQ = {**{("16", b): c for b, c in _F16_DQ.items()}, **{("32", b): _F32_DQ for b in _F16_DQ}}
+_DKDV = {**{("16", b): c for b, c in _F16_DKDV.items()}, **{("32", b): _F32_DKDV for b in _F16_DKDV}}
+# Head dims that are not a multiple of 16 are zero-padded to one before launch
+# (attention_forward): unaligned rows get no vectorised loads and spill hundreds
+# of bytes in every config above (D = 72, sm_90), even with 32-wide chunks.
+_HEAD_DIM_ALIGN = 16
+_TABLES = {"fwd": _FWD, "dq": _DQ, "dkdv": _DKDV}
+# The interpreter runs one fixed config (autotuning there would time numpy):
+# 64-wide chunks, so head dims <= 64 take the resident path and larger ones the
+# chunked path, and segments over 64 tokens the multi-block path.
+INTERPRETER_CONFIG = (64, 64, 64, 1, 1)
 
 
-NUM_WARPS = 8
+def _head_dim_bucket(head_dim: int) -> int:
+    return min(512, max(64, 1 << (head_dim - 1).bit_length()))
 
 
-def block_sizes(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D); tl.dot needs every dim >= 16. Speed is
-    unmeasured on GPU; chosen so that ptxas (sm_90, Triton 3.9, NUM_WARPS=8)
-    reports no register spills in the forward and dq kernels and at most
-    56 bytes (fp32) / 384 bytes (16-bit) in the dk/dv kernel. A 128-wide
-    head-dim chunk spills kilobytes."""
-    block_d = min(32 if dtype == torch.float32 else 64, max(16, triton.next_power_of_2(head_dim)))
-    return 32, 64, block_d
+def gpu_configs(kernel: str, head_dim: int, dtype: torch.dtype) -> list[tuple[int, int, int, int, int]]:
+    """What the autotuner tries on a GPU for ``kernel`` ("fwd", "dq", "dkdv"), this
+    head dim and dtype, the design's first choice first."""
+    table = _TABLES[kernel][("32" if dtype in (torch.float32, torch.float64) else "16", _head_dim_bucket(head_dim))]
+    return list(dict.fromkeys((bm, bn, min(bd, _pow2(head_dim)), w, s) for bm, bn, bd, w, s in table))
+
+
+def configs(kernel: str, head_dim: int, dtype: torch.dtype) -> list[tuple[int, int, int, int, int]]:
+    """The launch configurations ``kernel`` may take here: the fixed one in the interpreter."""
+    if _interpreting():
+        bm, bn, bd, w, s = INTERPRETER_CONFIG
+        return [(bm, bn, min(bd, _pow2(head_dim)), w, s)]
+    return gpu_configs(kernel, head_dim, dtype)
+
+
+def _pow2(n: int) -> int:
+    return max(16, 1 << (n - 1).bit_length())  # tl.dot needs every dim >= 16
 
 
 if triton is not None:
@@ -80,19 +165,33 @@ if triton is not None:
 
     @triton.jit
     def _dot(a, b, PRECISION: tl.constexpr):
-        """fp32-accumulating a @ b. Triton's CPU interpreter multiplies bfloat16
-        operands wrongly (3.9), so there they are widened first: the products of
-        bf16 values are exact in fp32, as on tensor cores."""
+        """Accumulating a @ b (fp32 for 16-bit and fp32 operands, fp64 for fp64).
+        Triton's CPU interpreter multiplies bfloat16 operands wrongly (3.9), so
+        there they are widened first: products of bf16 values are exact in fp32,
+        as on tensor cores."""
         if PRECISION == "bf16-interpreter":
             return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
         return tl.dot(a, b, input_precision=PRECISION)
 
     @triton.jit
-    def _segment_of(cu_ptr, rows, S, search_steps):
-        """Per row, the s in [0, S] with cu[s] <= row < cu[s + 1] (S past the end), by binary search."""
+    def _chunk(row_ptrs, ok, d0, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Columns ``[d0, d0 + BLOCK_D)`` of the rows at ``row_ptrs`` (0 outside)."""
+        d = d0 + tl.arange(0, BLOCK_D)
+        return tl.load(row_ptrs[:, None] + d[None, :], mask=ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+
+    @triton.jit
+    def _put(row_ptrs, ok, d0, value, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+        d = d0 + tl.arange(0, BLOCK_D)
+        tl.store(row_ptrs[:, None] + d[None, :], value.to(row_ptrs.dtype.element_ty), mask=ok[:, None] & (d[None, :] < HEAD_DIM))
+
+    @triton.jit
+    def _segment_of(cu_ptr, rows, S, SEARCH_STEPS: tl.constexpr):
+        """Per row, the s in [0, S] with cu[s] <= row < cu[s + 1] (S past the end), by
+        binary search. The bound is a constexpr: a loop bounded by a kernel argument
+        breaks triton 3.6's interpreter with numpy >= 2.4."""
         lo = tl.zeros_like(rows)
         hi = tl.zeros_like(rows) + S
-        for _ in range(search_steps):
+        for _ in range(SEARCH_STEPS):
             active = lo < hi
             mid = (lo + hi) // 2
             upper = tl.load(cu_ptr + mid + 1, mask=active, other=0).to(tl.int32)
@@ -102,11 +201,11 @@ if triton is not None:
         return lo
 
     @triton.jit
-    def _partner_range(cu_own, cu_other, rows, n_own, n_other, S, search_steps):
+    def _partner_range(cu_own, cu_other, rows, n_own, n_other, S, SEARCH_STEPS: tl.constexpr):
         """For each row of one side (q or k), the row range ``[begin, end)`` of the
         other side in its segment; empty for rows outside every segment. Clamped
         to the tensors, so malformed offsets (validation off) stay in bounds."""
-        seg = _segment_of(cu_own, rows, S, search_steps)
+        seg = _segment_of(cu_own, rows, S, SEARCH_STEPS)
         inside = (rows < n_own) & (seg < S)
         seg = tl.where(inside, seg, 0)
         inside = inside & (tl.load(cu_own + seg, mask=inside, other=0).to(tl.int32) <= rows)
@@ -124,58 +223,65 @@ if triton is not None:
         return lo, tl.cdiv(tl.maximum(hi - lo, 0), BLOCK)
 
     @triton.jit
-    def _accumulate(part, carry, ws_ptrs, out_ptrs, mask, block, n_blocks, out_scale):
-        """Adds the running sum of earlier blocks (fp32 workspace, times ``carry``) to
-        this block's ``part``; the last block writes ``out_scale * sum`` as output."""
+    def _accumulate(part, carry, ws_ptrs, ok, out_ptrs, d0, block, n_blocks, out_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Chunked head dims: adds the running sum of earlier walk blocks (workspace
+        rows of this program, times ``carry``) to this block's ``part``; the last
+        block writes ``out_scale * sum`` as output, the others the workspace."""
         if block > 0:
-            part += carry * tl.load(ws_ptrs, mask=mask, other=0.0)
+            part += carry * _chunk(ws_ptrs, ok, d0, HEAD_DIM, BLOCK_D)
         if block == n_blocks - 1:
-            tl.store(out_ptrs, (part * out_scale).to(out_ptrs.dtype.element_ty), mask=mask)
+            _put(out_ptrs, ok, d0, part * out_scale, HEAD_DIM, BLOCK_D)
         else:
-            tl.store(ws_ptrs, part, mask=mask)
+            _put(ws_ptrs, ok, d0, part, HEAD_DIM, BLOCK_D)
 
     @triton.jit
-    def _zero_rows(ptr, rows, stride_t, D, BLOCK_D: tl.constexpr):
-        dims = tl.arange(0, BLOCK_D)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + dims
-            zero = tl.zeros((rows.shape[0], BLOCK_D), dtype=ptr.dtype.element_ty)
-            tl.store(ptr + rows[:, None].to(tl.int64) * stride_t + d[None, :], zero, mask=(rows[:, None] >= 0) & (d[None, :] < D))
+    def _products(a_rows, a_ok, b_rows, b_ok, c_rows, c_ok, e_rows, e_ok,
+                  TWO: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+        """``a @ b^T`` (and ``c @ e^T`` when TWO) over the head dim, chunk by chunk."""
+        x = tl.zeros((a_rows.shape[0], b_rows.shape[0]), ACC)
+        y = tl.zeros((c_rows.shape[0], e_rows.shape[0]), ACC)
+        for d0 in range(0, HEAD_DIM, BLOCK_D):
+            x += _dot(_chunk(a_rows, a_ok, d0, HEAD_DIM, BLOCK_D), tl.trans(_chunk(b_rows, b_ok, d0, HEAD_DIM, BLOCK_D)), PRECISION)
+            if TWO:
+                y += _dot(_chunk(c_rows, c_ok, d0, HEAD_DIM, BLOCK_D), tl.trans(_chunk(e_rows, e_ok, d0, HEAD_DIM, BLOCK_D)), PRECISION)
+        return x, y
 
     @triton.jit
     def _fwd_kernel(
-        Q, K, V, Out, Ws, Lse, CuQ, CuK,
+        Q, K, V, Out, Ws, Lse, CuQ, CuK, Scales,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_wt, stride_wh,
-        Tq, Tk, S, D, search_steps, qk_scale,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+        Tq, Tk, S,
+        HEAD_DIM: tl.constexpr, SEARCH_STEPS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         h = tl.program_id(1)
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < Tq
-        kb, ke = _partner_range(CuQ, CuK, rows, Tq, Tk, S, search_steps)
+        kb, ke = _partner_range(CuQ, CuK, rows, Tq, Tk, S, SEARCH_STEPS)
         k_lo, n_blocks = _tile_span(kb, ke, Tk, BLOCK_N)
+        qk_scale = tl.load(Scales)  # scale * log2(e), in the accumulation dtype
 
         rows64 = rows.to(tl.int64)
-        dims = tl.arange(0, BLOCK_D)
         q_rows = Q + rows64 * stride_qt + h * stride_qh
         o_rows = Out + rows64 * stride_ot + h * stride_oh
         w_rows = Ws + rows64 * stride_wt + h * stride_wh
         # running max and sum in base 2 (scores pre-multiplied by log2(e))
-        m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        l = tl.zeros((BLOCK_M,), tl.float32)
-        for blk in range(0, n_blocks):
+        m = tl.full((BLOCK_M,), float("-inf"), ACC)
+        l = tl.zeros((BLOCK_M,), ACC)
+        acc = tl.zeros((BLOCK_M, BLOCK_D), ACC)
+        if HEAD_DIM <= BLOCK_D:
+            q = _chunk(q_rows, row_ok, 0, HEAD_DIM, BLOCK_D)
+        blk = 0
+        while blk < n_blocks:  # not range(): see the module doc
             cols = k_lo + blk * BLOCK_N + tl.arange(0, BLOCK_N)
             col_ok = cols < Tk
             cols64 = cols.to(tl.int64)
             k_rows = K + cols64 * stride_kt + h * stride_kh
             v_rows = V + cols64 * stride_vt + h * stride_vh
-            s = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                d = d0 + dims
-                d_ok = d[None, :] < D
-                qc = tl.load(q_rows[:, None] + d[None, :], mask=row_ok[:, None] & d_ok, other=0.0)
-                kc = tl.load(k_rows[:, None] + d[None, :], mask=col_ok[:, None] & d_ok, other=0.0)
-                s += _dot(qc, tl.trans(kc), PRECISION)
+            if HEAD_DIM <= BLOCK_D:
+                s = _dot(q, tl.trans(_chunk(k_rows, col_ok, 0, HEAD_DIM, BLOCK_D)), PRECISION)
+            else:
+                s, _ = _products(q_rows, row_ok, k_rows, col_ok, q_rows, row_ok, k_rows, col_ok, False, HEAD_DIM, BLOCK_D, ACC, PRECISION)
             own = (cols[None, :] >= kb[:, None]) & (cols[None, :] < ke[:, None])
             s = tl.where(own, s * qk_scale, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -184,36 +290,46 @@ if triton is not None:
             p = tl.exp2(s - m_safe[:, None])
             l = l * carry + tl.sum(p, axis=1)
             m = m_new
-            inv_l = 1.0 / tl.where(l > 0, l, 1.0)  # rows without keys have a zero sum
-            for d0 in range(0, D, BLOCK_D):
-                d = d0 + dims
-                d_ok = d[None, :] < D
-                vc = tl.load(v_rows[:, None] + d[None, :], mask=col_ok[:, None] & d_ok, other=0.0)
-                part = _dot(p.to(vc.dtype), vc, PRECISION)
-                _accumulate(part, carry[:, None], w_rows[:, None] + d[None, :], o_rows[:, None] + d[None, :], row_ok[:, None] & d_ok, blk, n_blocks, inv_l[:, None])
-        if n_blocks == 0:
-            _zero_rows(Out + h * stride_oh, tl.where(row_ok, rows, -1), stride_ot, D, BLOCK_D)
+            if HEAD_DIM <= BLOCK_D:
+                vc = _chunk(v_rows, col_ok, 0, HEAD_DIM, BLOCK_D)
+                acc = acc * carry[:, None] + _dot(p.to(vc.dtype), vc, PRECISION)
+            else:
+                inv_l = 1.0 / tl.where(l > 0, l, 1.0)  # rows without keys have a zero sum
+                for d0 in range(0, HEAD_DIM, BLOCK_D):
+                    vc = _chunk(v_rows, col_ok, d0, HEAD_DIM, BLOCK_D)
+                    part = _dot(p.to(vc.dtype), vc, PRECISION)
+                    _accumulate(part, carry[:, None], w_rows, row_ok, o_rows, d0, blk, n_blocks, inv_l[:, None], HEAD_DIM, BLOCK_D)
+                tl.debug_barrier()  # the next block reads back this block's workspace rows
+            blk += 1
+        if HEAD_DIM <= BLOCK_D:
+            _put(o_rows, row_ok, 0, acc / tl.where(l > 0, l, 1.0)[:, None], HEAD_DIM, BLOCK_D)
+        elif n_blocks == 0:
+            for d0 in range(0, HEAD_DIM, BLOCK_D):
+                _put(o_rows, row_ok, d0, tl.zeros((BLOCK_M, BLOCK_D), ACC), HEAD_DIM, BLOCK_D)
         lse = tl.where(l > 0, (m + tl.log2(tl.where(l > 0, l, 1.0))) / _LOG2E_T, float("-inf"))
         tl.store(Lse + h * Tq + rows, lse, mask=row_ok)
 
     @triton.jit
     def _bwd_preprocess_kernel(
-        Out, DOut, Delta, stride_ot, stride_oh, stride_dt, stride_dh, Tq, D,
-        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+        Out, DOut, DLse, Delta, stride_ot, stride_oh, stride_dt, stride_dh, Tq,
+        HEAD_DIM: tl.constexpr, HAS_DLSE: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """delta[h, i] = sum_d dO[i, h, d] * O[i, h, d] (fp32)."""
+        """delta[h, i] = sum_d dO[i, h, d] * O[i, h, d] - dlse[h, i]: the one per-row
+        term of dS = P * (dP - delta), lse gradient included."""
         h = tl.program_id(1)
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        ok = rows < Tq
         rows64 = rows.to(tl.int64)
-        dims = tl.arange(0, BLOCK_D)
-        acc = tl.zeros((BLOCK_M,), tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + dims
-            mask = (rows[:, None] < Tq) & (d[None, :] < D)
-            o = tl.load(Out + rows64[:, None] * stride_ot + h * stride_oh + d[None, :], mask=mask, other=0.0)
-            do = tl.load(DOut + rows64[:, None] * stride_dt + h * stride_dh + d[None, :], mask=mask, other=0.0)
-            acc += tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-        tl.store(Delta + h * Tq + rows, acc, mask=rows < Tq)
+        o_rows = Out + rows64 * stride_ot + h * stride_oh
+        do_rows = DOut + rows64 * stride_dt + h * stride_dh
+        acc = tl.zeros((BLOCK_M,), ACC)
+        for d0 in range(0, HEAD_DIM, BLOCK_D):
+            o = _chunk(o_rows, ok, d0, HEAD_DIM, BLOCK_D).to(ACC)
+            do = _chunk(do_rows, ok, d0, HEAD_DIM, BLOCK_D).to(ACC)
+            acc += tl.sum(o * do, axis=1)
+        if HAS_DLSE:
+            acc -= tl.load(DLse + h * Tq + rows, mask=ok, other=0.0).to(ACC)
+        tl.store(Delta + h * Tq + rows, acc, mask=ok)
 
     @triton.jit
     def _row_stats(Lse, Delta, h, rows, Tq):
@@ -226,157 +342,246 @@ if triton is not None:
 
     @triton.jit
     def _bwd_dq_kernel(
-        Q, K, V, DOut, DQ, Ws, Lse, Delta, CuQ, CuK,
+        Q, K, V, DOut, DQ, Ws, Lse, Delta, CuQ, CuK, Scales,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dt, stride_dh,
         stride_gt, stride_gh, stride_wt, stride_wh,
-        Tq, Tk, S, D, search_steps, qk_scale, scale,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+        Tq, Tk, S,
+        HEAD_DIM: tl.constexpr, SEARCH_STEPS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
+        """One program per BLOCK_M query rows: dq = scale * dS @ K over their keys."""
         h = tl.program_id(1)
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < Tq
-        kb, ke = _partner_range(CuQ, CuK, rows, Tq, Tk, S, search_steps)
+        kb, ke = _partner_range(CuQ, CuK, rows, Tq, Tk, S, SEARCH_STEPS)
         k_lo, n_blocks = _tile_span(kb, ke, Tk, BLOCK_N)
         lse2, delta = _row_stats(Lse, Delta, h, rows, Tq)
+        qk_scale = tl.load(Scales)
+        scale = tl.load(Scales + 1)
 
         rows64 = rows.to(tl.int64)
-        dims = tl.arange(0, BLOCK_D)
         q_rows = Q + rows64 * stride_qt + h * stride_qh
         do_rows = DOut + rows64 * stride_dt + h * stride_dh
         g_rows = DQ + rows64 * stride_gt + h * stride_gh
         w_rows = Ws + rows64 * stride_wt + h * stride_wh
-        for blk in range(0, n_blocks):
+        acc = tl.zeros((BLOCK_M, BLOCK_D), ACC)
+        if HEAD_DIM <= BLOCK_D:
+            q = _chunk(q_rows, row_ok, 0, HEAD_DIM, BLOCK_D)
+            do = _chunk(do_rows, row_ok, 0, HEAD_DIM, BLOCK_D)
+        blk = 0
+        while blk < n_blocks:  # not range(): see the module doc
             cols = k_lo + blk * BLOCK_N + tl.arange(0, BLOCK_N)
             col_ok = cols < Tk
             cols64 = cols.to(tl.int64)
             k_rows = K + cols64 * stride_kt + h * stride_kh
             v_rows = V + cols64 * stride_vt + h * stride_vh
-            s = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-            dp = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                d = d0 + dims
-                d_ok = d[None, :] < D
-                qc = tl.load(q_rows[:, None] + d[None, :], mask=row_ok[:, None] & d_ok, other=0.0)
-                doc = tl.load(do_rows[:, None] + d[None, :], mask=row_ok[:, None] & d_ok, other=0.0)
-                kc = tl.load(k_rows[:, None] + d[None, :], mask=col_ok[:, None] & d_ok, other=0.0)
-                vc = tl.load(v_rows[:, None] + d[None, :], mask=col_ok[:, None] & d_ok, other=0.0)
-                s += _dot(qc, tl.trans(kc), PRECISION)
-                dp += _dot(doc, tl.trans(vc), PRECISION)
+            if HEAD_DIM <= BLOCK_D:
+                kc = _chunk(k_rows, col_ok, 0, HEAD_DIM, BLOCK_D)
+                s = _dot(q, tl.trans(kc), PRECISION)
+                dp = _dot(do, tl.trans(_chunk(v_rows, col_ok, 0, HEAD_DIM, BLOCK_D)), PRECISION)
+            else:
+                s, dp = _products(q_rows, row_ok, k_rows, col_ok, do_rows, row_ok, v_rows, col_ok, True, HEAD_DIM, BLOCK_D, ACC, PRECISION)
             own = (cols[None, :] >= kb[:, None]) & (cols[None, :] < ke[:, None])
             p = tl.where(own, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
             ds = p * (dp - delta[:, None]) * scale
-            for d0 in range(0, D, BLOCK_D):
-                d = d0 + dims
-                d_ok = d[None, :] < D
-                kc = tl.load(k_rows[:, None] + d[None, :], mask=col_ok[:, None] & d_ok, other=0.0)
-                part = _dot(ds.to(kc.dtype), kc, PRECISION)
-                _accumulate(part, 1.0, w_rows[:, None] + d[None, :], g_rows[:, None] + d[None, :], row_ok[:, None] & d_ok, blk, n_blocks, 1.0)
-        if n_blocks == 0:
-            _zero_rows(DQ + h * stride_gh, tl.where(row_ok, rows, -1), stride_gt, D, BLOCK_D)
+            if HEAD_DIM <= BLOCK_D:
+                acc += _dot(ds.to(kc.dtype), kc, PRECISION)
+            else:
+                for d0 in range(0, HEAD_DIM, BLOCK_D):
+                    kc = _chunk(k_rows, col_ok, d0, HEAD_DIM, BLOCK_D)
+                    part = _dot(ds.to(kc.dtype), kc, PRECISION)
+                    _accumulate(part, 1.0, w_rows, row_ok, g_rows, d0, blk, n_blocks, 1.0, HEAD_DIM, BLOCK_D)
+                tl.debug_barrier()  # the next block reads back this block's workspace rows
+            blk += 1
+        if HEAD_DIM <= BLOCK_D:
+            _put(g_rows, row_ok, 0, acc, HEAD_DIM, BLOCK_D)
+        elif n_blocks == 0:
+            for d0 in range(0, HEAD_DIM, BLOCK_D):
+                _put(g_rows, row_ok, d0, tl.zeros((BLOCK_M, BLOCK_D), ACC), HEAD_DIM, BLOCK_D)
 
     @triton.jit
     def _bwd_dkdv_kernel(
-        Q, K, V, DOut, DK, DV, WsK, WsV, Lse, Delta, CuQ, CuK,
+        Q, K, V, DOut, DK, DV, WsK, WsV, Lse, Delta, CuQ, CuK, Scales,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dt, stride_dh,
-        stride_gkt, stride_gkh, stride_gvt, stride_gvh, stride_wt, stride_wh,
-        Tq, Tk, S, D, search_steps, qk_scale, scale,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+        stride_gkt, stride_gkh, stride_gvt, stride_gvh, stride_wkt, stride_wkh, stride_wvt, stride_wvh,
+        Tq, Tk, S,
+        HEAD_DIM: tl.constexpr, SEARCH_STEPS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """One program per BLOCK_N keys: walks the union of their segments' query rows."""
+        """One program per BLOCK_N keys: dv = P^T @ dO, dk = scale * dS^T @ Q over
+        the query rows of their segments (transposed tiles: keys x queries)."""
         h = tl.program_id(1)
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < Tk
-        qb, qe = _partner_range(CuK, CuQ, cols, Tk, Tq, S, search_steps)
+        qb, qe = _partner_range(CuK, CuQ, cols, Tk, Tq, S, SEARCH_STEPS)
         q_lo, n_blocks = _tile_span(qb, qe, Tq, BLOCK_M)
+        qk_scale = tl.load(Scales)
+        scale = tl.load(Scales + 1)
 
         cols64 = cols.to(tl.int64)
-        dims = tl.arange(0, BLOCK_D)
         k_rows = K + cols64 * stride_kt + h * stride_kh
         v_rows = V + cols64 * stride_vt + h * stride_vh
         gk_rows = DK + cols64 * stride_gkt + h * stride_gkh
         gv_rows = DV + cols64 * stride_gvt + h * stride_gvh
-        wk_rows = WsK + cols64 * stride_wt + h * stride_wh
-        wv_rows = WsV + cols64 * stride_wt + h * stride_wh
-        for blk in range(0, n_blocks):
+        wk_rows = WsK + cols64 * stride_wkt + h * stride_wkh
+        wv_rows = WsV + cols64 * stride_wvt + h * stride_wvh
+        dk = tl.zeros((BLOCK_N, BLOCK_D), ACC)
+        dv = tl.zeros((BLOCK_N, BLOCK_D), ACC)
+        if HEAD_DIM <= BLOCK_D:
+            k = _chunk(k_rows, col_ok, 0, HEAD_DIM, BLOCK_D)
+            v = _chunk(v_rows, col_ok, 0, HEAD_DIM, BLOCK_D)
+        blk = 0
+        while blk < n_blocks:  # not range(): see the module doc
             rows = q_lo + blk * BLOCK_M + tl.arange(0, BLOCK_M)
             row_ok = rows < Tq
             rows64 = rows.to(tl.int64)
             q_rows = Q + rows64 * stride_qt + h * stride_qh
             do_rows = DOut + rows64 * stride_dt + h * stride_dh
             lse2, delta = _row_stats(Lse, Delta, h, rows, Tq)
-            # transposed scores: (keys, queries)
-            st = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-            dpt = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                d = d0 + dims
-                d_ok = d[None, :] < D
-                qc = tl.load(q_rows[:, None] + d[None, :], mask=row_ok[:, None] & d_ok, other=0.0)
-                doc = tl.load(do_rows[:, None] + d[None, :], mask=row_ok[:, None] & d_ok, other=0.0)
-                kc = tl.load(k_rows[:, None] + d[None, :], mask=col_ok[:, None] & d_ok, other=0.0)
-                vc = tl.load(v_rows[:, None] + d[None, :], mask=col_ok[:, None] & d_ok, other=0.0)
-                st += _dot(kc, tl.trans(qc), PRECISION)
-                dpt += _dot(vc, tl.trans(doc), PRECISION)
+            if HEAD_DIM <= BLOCK_D:
+                qc = _chunk(q_rows, row_ok, 0, HEAD_DIM, BLOCK_D)
+                doc = _chunk(do_rows, row_ok, 0, HEAD_DIM, BLOCK_D)
+                st = _dot(k, tl.trans(qc), PRECISION)
+                dpt = _dot(v, tl.trans(doc), PRECISION)
+            else:
+                st, dpt = _products(k_rows, col_ok, q_rows, row_ok, v_rows, col_ok, do_rows, row_ok, True, HEAD_DIM, BLOCK_D, ACC, PRECISION)
             own = (rows[None, :] >= qb[:, None]) & (rows[None, :] < qe[:, None])
             pt = tl.where(own, tl.exp2(st * qk_scale - lse2[None, :]), 0.0)
             dst = pt * (dpt - delta[None, :]) * scale
-            for d0 in range(0, D, BLOCK_D):
-                d = d0 + dims
-                d_ok = d[None, :] < D
-                qc = tl.load(q_rows[:, None] + d[None, :], mask=row_ok[:, None] & d_ok, other=0.0)
-                doc = tl.load(do_rows[:, None] + d[None, :], mask=row_ok[:, None] & d_ok, other=0.0)
-                mask = col_ok[:, None] & d_ok
-                dv_part = _dot(pt.to(doc.dtype), doc, PRECISION)
-                _accumulate(dv_part, 1.0, wv_rows[:, None] + d[None, :], gv_rows[:, None] + d[None, :], mask, blk, n_blocks, 1.0)
-                dk_part = _dot(dst.to(qc.dtype), qc, PRECISION)
-                _accumulate(dk_part, 1.0, wk_rows[:, None] + d[None, :], gk_rows[:, None] + d[None, :], mask, blk, n_blocks, 1.0)
-        if n_blocks == 0:
-            keep = tl.where(col_ok, cols, -1)
-            _zero_rows(DK + h * stride_gkh, keep, stride_gkt, D, BLOCK_D)
-            _zero_rows(DV + h * stride_gvh, keep, stride_gvt, D, BLOCK_D)
+            if HEAD_DIM <= BLOCK_D:
+                dv += _dot(pt.to(doc.dtype), doc, PRECISION)
+                dk += _dot(dst.to(qc.dtype), qc, PRECISION)
+            else:
+                for d0 in range(0, HEAD_DIM, BLOCK_D):
+                    qc = _chunk(q_rows, row_ok, d0, HEAD_DIM, BLOCK_D)
+                    doc = _chunk(do_rows, row_ok, d0, HEAD_DIM, BLOCK_D)
+                    dv_part = _dot(pt.to(doc.dtype), doc, PRECISION)
+                    _accumulate(dv_part, 1.0, wv_rows, col_ok, gv_rows, d0, blk, n_blocks, 1.0, HEAD_DIM, BLOCK_D)
+                    dk_part = _dot(dst.to(qc.dtype), qc, PRECISION)
+                    _accumulate(dk_part, 1.0, wk_rows, col_ok, gk_rows, d0, blk, n_blocks, 1.0, HEAD_DIM, BLOCK_D)
+                tl.debug_barrier()  # the next block reads back this block's workspace rows
+            blk += 1
+        if HEAD_DIM <= BLOCK_D:
+            _put(gk_rows, col_ok, 0, dk, HEAD_DIM, BLOCK_D)
+            _put(gv_rows, col_ok, 0, dv, HEAD_DIM, BLOCK_D)
+        elif n_blocks == 0:
+            for d0 in range(0, HEAD_DIM, BLOCK_D):
+                _put(gk_rows, col_ok, d0, tl.zeros((BLOCK_N, BLOCK_D), ACC), HEAD_DIM, BLOCK_D)
+                _put(gv_rows, col_ok, d0, tl.zeros((BLOCK_N, BLOCK_D), ACC), HEAD_DIM, BLOCK_D)
+
+    def _tuned(kernel, name: str):
+        """``kernel`` autotuned over ``configs(name, ...)``, keyed on the head dim and
+        matmul precision (and, as triton does for every tensor argument, the dtypes)."""
+        every = sorted({c for table in _TABLES[name].values() for c in table})
+        candidates = [
+            triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd), num_warps=w, num_stages=s) for bm, bn, bd, w, s in every
+        ]
+
+        def prune(configs_, named_args, **kwargs):
+            head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+            wanted = configs(name, head_dim, named_args["Q"].dtype)
+            return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd), num_warps=w, num_stages=s) for bm, bn, bd, w, s in wanted]
+
+        return triton.autotune(configs=candidates, key=["HEAD_DIM", "PRECISION"], prune_configs_by=dict(early_config_prune=prune))(kernel)
+
+    _FWD_TUNED = _tuned(_fwd_kernel, "fwd")
+    _DQ_TUNED = _tuned(_bwd_dq_kernel, "dq")
+    _DKDV_TUNED = _tuned(_bwd_dkdv_kernel, "dkdv")
+
+
+def _launch(kernel, tuned, name: str, own: str, rows: int, H: int, args, head_dim: int, dtype: torch.dtype, **constexprs):
+    """The autotuned kernel on a GPU; in the interpreter the one fixed config."""
+    grid = lambda meta: (triton.cdiv(rows, meta[own]), H)  # noqa: E731
+    if _interpreting():
+        bm, bn, bd, _, _ = configs(name, head_dim, dtype)[0]
+        kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **constexprs)
+    else:
+        tuned[grid](*args, **constexprs)
 
 
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _workspace(out: torch.Tensor) -> torch.Tensor:
-    """fp32 running sums of earlier key/query blocks: the output itself when it is fp32."""
-    return out if out.dtype == torch.float32 else torch.empty(out.shape, dtype=torch.float32, device=out.device)
+def _aligned_head_dim(head_dim: int) -> int:
+    return -(-head_dim // _HEAD_DIM_ALIGN) * _HEAD_DIM_ALIGN
+
+
+def _pad_head_dim(*tensors):
+    """Zero columns up to an aligned head dim: scores, outputs and gradients of the
+    real columns are unchanged (the caller passes the real head dim's scale)."""
+    pad = _aligned_head_dim(tensors[0].shape[-1]) - tensors[0].shape[-1]
+    return tuple(torch.nn.functional.pad(t, (0, pad)) for t in tensors)
+
+
+def _workspace(out: torch.Tensor, kernel: str) -> torch.Tensor:
+    """Running sums of earlier walk blocks, read only on the chunked head-dim path:
+    the output itself when it is in the accumulation dtype or when every config
+    keeps the head dim resident. Each program uses only its own rows."""
+    acc = acc_dtype(out.dtype)
+    chunked = any(bd < out.shape[-1] for _, _, bd, _, _ in configs(kernel, out.shape[-1], out.dtype))
+    return torch.empty(out.shape, dtype=acc, device=out.device) if chunked and out.dtype != acc else out
 
 
 def _precision(dtype: torch.dtype) -> str:
     if dtype == torch.bfloat16 and _interpreting():
         return "bf16-interpreter"
-    return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "ieee" if dtype == torch.float64 else "tf32"  # ignored for 16-bit inputs
+
+
+def _common(q: torch.Tensor, S: int, scale: float) -> dict:
+    acc = acc_dtype(q.dtype)
+    return dict(
+        scales=torch.tensor([scale * _LOG2E, scale], dtype=acc, device=q.device),
+        constexprs=dict(
+            HEAD_DIM=q.shape[-1],
+            SEARCH_STEPS=-(-S.bit_length() // 4) * 4,  # rounded up: few compiled variants
+            ACC=tl.float64 if acc == torch.float64 else tl.float32,
+            PRECISION=_precision(q.dtype),
+        ),
+    )
 
 
 def attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale):
-    """``(out (Tq, H, D), lse (H, Tq) float32)``; ``max_q``/``max_k`` are not needed (see module doc)."""
+    """``(out (Tq, H, D), lse (H, Tq))``, lse in the accumulation dtype;
+    ``max_q``/``max_k`` are not needed (see module doc)."""
+    D = q.shape[-1]
+    if D % _HEAD_DIM_ALIGN:
+        out, lse = attention_forward(*_pad_head_dim(q, k, v), cu_q, cu_k, max_q, max_k, scale)
+        return out[..., :D].contiguous(), lse
     q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
+    cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()  # the kernels index them densely
     Tq, H, D = q.shape
     Tk, S = k.shape[0], cu_q.numel() - 1
     out = torch.empty_like(q)
-    lse = torch.empty(H, Tq, dtype=torch.float32, device=q.device)
+    lse = torch.empty(H, Tq, dtype=acc_dtype(q.dtype), device=q.device)
     if Tq == 0 or H == 0:
         return out, lse
-    if S <= 0 or Tk == 0:
+    if S <= 0 or Tk == 0 or D == 0:
         return out.zero_(), lse.fill_(-math.inf)
-    ws = _workspace(out)
-    BM, BN, BD = block_sizes(D, q.dtype)
-    _fwd_kernel[(triton.cdiv(Tq, BM), H)](
-        q, k, v, out, ws, lse, cu_q, cu_k,
+    ws = _workspace(out, "fwd")
+    c = _common(q, S, scale)
+    args = (
+        q, k, v, out, ws, lse, cu_q, cu_k, c["scales"],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), ws.stride(0), ws.stride(1),
-        Tq, Tk, S, D, S.bit_length(), scale * _LOG2E,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, PRECISION=_precision(q.dtype), num_warps=NUM_WARPS,
+        out.stride(0), out.stride(1), ws.stride(0), ws.stride(1), Tq, Tk, S,
     )
+    _launch(_fwd_kernel, _FWD_TUNED, "fwd", "BLOCK_M", Tq, H, args, D, q.dtype, **c["constexprs"])
     return out, lse
 
 
-def attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale):
-    """``(dq, dk, dv)`` from the saved ``lse``: ``dS = P * (dP - rowsum(dO * O))``."""
+def attention_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale):
+    """``(dq, dk, dv)`` from the saved ``lse``: ``dS = P * (dP - rowsum(dO * O) + dlse)``
+    (``dlse`` None: the lse was not used)."""
+    D = q.shape[-1]
+    if D % _HEAD_DIM_ALIGN:
+        padded = _pad_head_dim(dout, q, k, v, out)
+        grads = attention_backward(padded[0], dlse, *padded[1:], lse, cu_q, cu_k, max_q, max_k, scale)
+        return tuple(g[..., :D].contiguous() for g in grads)
     dout, q, k, v, out = (_unit_stride(t) for t in (dout, q, k, v, out))
-    lse = lse.contiguous()
+    lse, cu_q, cu_k = lse.contiguous(), cu_q.contiguous(), cu_k.contiguous()
     Tq, H, D = q.shape
     Tk, S = k.shape[0], cu_q.numel() - 1
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -384,31 +589,30 @@ def attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale)
         return dq, dk, dv
     if S <= 0 or Tq == 0 or Tk == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    BM, BN, BD = block_sizes(D, q.dtype)
-    precision = _precision(q.dtype)
-    steps = S.bit_length()
-    delta = torch.empty(H, Tq, dtype=torch.float32, device=q.device)
-    _bwd_preprocess_kernel[(triton.cdiv(Tq, BM), H)](
-        out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), Tq, D, BLOCK_M=BM, BLOCK_D=BD
+    c = _common(q, S, scale)
+    cx = c["constexprs"]
+    delta = torch.empty(H, Tq, dtype=acc_dtype(q.dtype), device=q.device)
+    dlse_arg = delta if dlse is None else dlse.contiguous()
+    pre_block = 64
+    _bwd_preprocess_kernel[(triton.cdiv(Tq, pre_block), H)](
+        out, dout, dlse_arg, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), Tq,
+        HEAD_DIM=D, HAS_DLSE=dlse is not None, ACC=cx["ACC"], BLOCK_M=pre_block, BLOCK_D=min(128, _pow2(D)),
     )
-    ws_q = _workspace(dq)
-    _bwd_dq_kernel[(triton.cdiv(Tq, BM), H)](
-        q, k, v, dout, dq, ws_q, lse, delta, cu_q, cu_k,
+    ws_q = _workspace(dq, "dq")
+    args = (
+        q, k, v, dout, dq, ws_q, lse, delta, cu_q, cu_k, c["scales"],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
-        dq.stride(0), dq.stride(1), ws_q.stride(0), ws_q.stride(1),
-        Tq, Tk, S, D, steps, scale * _LOG2E, scale,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, PRECISION=precision, num_warps=NUM_WARPS,
+        dq.stride(0), dq.stride(1), ws_q.stride(0), ws_q.stride(1), Tq, Tk, S,
     )
-    # the fp32 workspaces of dk and dv share one layout, so one stride pair serves both
-    ws_k = torch.empty(k.shape, dtype=torch.float32, device=k.device)
-    ws_v = torch.empty(k.shape, dtype=torch.float32, device=k.device)
-    _bwd_dkdv_kernel[(triton.cdiv(Tk, BN), H)](
-        q, k, v, dout, dk, dv, ws_k, ws_v, lse, delta, cu_q, cu_k,
+    _launch(_bwd_dq_kernel, _DQ_TUNED, "dq", "BLOCK_M", Tq, H, args, D, q.dtype, **cx)
+    ws_k, ws_v = _workspace(dk, "dkdv"), _workspace(dv, "dkdv")
+    args = (
+        q, k, v, dout, dk, dv, ws_k, ws_v, lse, delta, cu_q, cu_k, c["scales"],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), ws_k.stride(0), ws_k.stride(1),
-        Tq, Tk, S, D, steps, scale * _LOG2E, scale,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, PRECISION=precision, num_warps=NUM_WARPS,
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), ws_k.stride(0), ws_k.stride(1), ws_v.stride(0), ws_v.stride(1),
+        Tq, Tk, S,
     )
+    _launch(_bwd_dkdv_kernel, _DKDV_TUNED, "dkdv", "BLOCK_N", Tk, H, args, D, q.dtype, **cx)
     return dq, dk, dv
 
 
@@ -418,12 +622,12 @@ def attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale)
 def _check(call: CallInfo) -> Optional[str]:
     if call.device.type == "cpu" and not _interpreting():
         return "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)"
+    if call.dtype == torch.float64 and call.device.type != "cpu":
+        return "float64 runs in the Triton interpreter only (CPU tensors)"
     return None
 
 
 def _interpreting() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 

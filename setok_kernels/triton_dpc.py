@@ -2,11 +2,25 @@
 
 No kernel writes an N x N matrix (except ``pairwise_distance``, the debugging
 op whose output is that matrix). Every pass streams column tiles of scaled
-squared distances ``d2 = (|x_i|^2 + |x_j|^2 - 2 x_i.x_j) / C`` computed with
-``tl.dot`` on the input dtype and fp32 accumulation, clamped at 0 (cancellation
-can make it slightly negative) and set to exactly 0 on the diagonal.
+squared distances ``d2 = (|a_i|^2 + |a_j|^2 - 2 a_i.a_j) / C`` computed with
+``tl.dot`` (fp32 accumulation), clamped at 0 and set to exactly 0 on the
+diagonal, on centred and scaled features ``a = (x - mean) / s``:
 
-- ``_sq_norms_kernel``: |x_i|^2 in fp32, once per call (shared by all passes).
+- ``mean``: each image's real-token mean (masked tokens excluded), so the
+  norm trick's cancellation error, ~eps32 * (|a_i|^2 + |a_j|^2) / C, is
+  relative to the features' spread, not to where they sit: ``x + c`` (a
+  constant or per-channel offset) clusters as ``x`` does.
+- ``s``: a per-image power of two with ``|x| / s < 2`` (``reference.image_scale``),
+  so float32 squared distances neither overflow (|x| ~ 1e19) nor underflow
+  (~1e-20). Orderings (k nearest, nearest denser, nearest centre) do not
+  depend on s; values are scaled back exactly: ``d = s * sqrt(d2)``, and the
+  density ``exp(-(mean d2 * s) * s)`` is 0 (or 1) where the true value rounds
+  to it. No finite input yields NaN.
+
+Passes:
+- ``_channel_stats_kernel``: per image and channel, the real tokens' sum
+  (float64: no overflow) and largest |x|; the mean and s follow in a few
+  (B, C) tensor ops. ``_sq_norms_kernel``: |a_i|^2 in fp32. Both once per call.
 - pass 1, ``_knn_density_kernel``: each row block keeps its k smallest d2 in
   registers (a K_PAD-wide list, K_PAD = next power of two >= k, at least 2;
   the slots past the image's k hold -inf) and swaps in a column tile's
@@ -14,51 +28,90 @@ can make it slightly negative) and set to exactly 0 on the diagonal.
   only, no sort network. k <= 128 (``MAX_K``): above that the list no longer
   fits in registers, so ``check`` declines (auto falls back to another
   backend; a forced call raises BackendUnavailableError saying so).
-- pass 2, ``_delta_kernel``: nearest strictly denser real token (smallest
-  index on ties) and each row's largest distance; the ``densest_delta``
-  fallback (a per-image min or max of those row maxima) is three device tensor
-  ops on (B, N) values.
+- pass 2, ``_delta_kernel``: nearest denser real token (smallest index on
+  ties; with ``tie_break="index"`` equal densities count the lower index as
+  denser) and each row's largest distance rmax; ``_parent_distance_kernel``
+  then recomputes the distance to that parent from differences (B*N*C work),
+  so delta is exact to float32 and a duplicate's is exactly 0. ``"column_max"`` then caps
+  every delta by ``cap_i = min rmax_j`` over the tokens not denser than i
+  (``reference.column_max_cap``: a batched sort + running minimum + search on
+  (B, N) values); ``"global_max"`` gives tokens without a denser one the
+  image's largest rmax.
 - centres, ``_select_centers_kernel``: one program per image ranks the scores
   without sorting: a 32-step bisection on order-preserving integer keys finds
   the cut-off score, a prefix sum breaks ties at the cut-off by index and
-  places the centres in ascending order. N <= 32768 (the image's scores live
-  in one program's registers); above, ``check`` declines.
-- assignment, ``_assign_kernel``: distances to the centres (loop bounded by the
-  image's own ``num_clusters``, read on the device), argmin with the earlier
-  centre on ties; a centre labels itself.
+  places the centres in ascending order (``num_centers``: the top n, no
+  threshold; ``center_order="score"``: a stable (B, M) sort afterwards).
+  N <= 8192 (the image's scores live in one program's registers); above,
+  the reference's ranking (batched torch sorts, no sync) runs instead.
+- assignment, ``_assign_kernel``: distances (or, ``metric="cosine"``, cosine
+  similarities of the uncentred features) to the centres, the loop bounded by
+  the image's own ``num_clusters`` (read on the device); the earlier centre
+  wins ties; a centre labels itself.
+
+Certified distances (ill-conditioned images). The norm trick resolves a
+squared distance only to ~``SNAP * (|a_i|^2 + |a_j|^2)`` (SNAP = 2^-19: tf32x3
+products and fp32 sums), so where the centred norms dwarf the distances that
+matter (a far outlier pulling the mean: mixture data plus one token at 1e6
+gives 63 clusters instead of 3; groups of clusters 1e3..1e4 times their
+spread apart) they drown. Each of the three passes therefore runs twice
+(``_twice``), with no host sync and no N x N memory:
+- the norm-trick launch writes every row and flags, in a (B, N) int8 tensor,
+  the rows whose result its error bound cannot certify. The row bound is
+  ``err_i = SNAP * (|a_i|^2 + max_j |a_j|^2) / C`` (``_Prepared.nmax``):
+  density: ``(k - 1) * err_i > KNN_TOL * (sum of the k nearest)`` (the k - 1
+  non-self values could move the mean by more than 1/16 of itself); parent:
+  the runner-up denser token is within ``2 * err_i`` of the nearest (exact
+  ties included); label: the runner-up centre is within ``2 * err_i`` (cosine:
+  ``2 * SNAP``); a centre's own label is always certain.
+- the EXACT launch (same kernel, constexpr ``EXACT``, 32 x 32 x 8 tiles on
+  CUDA cores): each program reads its rows' flags on the device and exits
+  unless one is set; otherwise it recomputes those rows against every column
+  from differences (``_exact_tile``: fp32 FMAs, cosine from elementwise
+  products) and overwrites only them. Well-conditioned images pay one
+  near-empty launch per pass; a flagged row costs ~N * C FMAs on CUDA cores.
+Rows are certified against SNAP, an estimate of tf32x3's error, not a proof
+for every C (fp32 sums over C terms can exceed it in the worst case).
+``pairwise_distance`` (debugging op) keeps the plain norm trick.
 
 Nothing reads a tensor value on the host: ``dpc_cluster`` can be captured in a
-CUDA graph. Masked tokens are loaded as zeros and excluded from every
+CUDA graph. Masked tokens are never loaded and are excluded from every
 reduction. k is clamped per image to its real-token count on the device.
 Strided inputs are supported (strides are passed, nothing is copied).
-float32 inputs use ``input_precision="tf32x3"``: fp32-level products on
-tensor cores (plain tf32 keeps 10 mantissa bits: ~1e-3 relative, too coarse
-for density ties). The norm trick's error is ~eps32 * (|x_i|^2 + |x_j|^2) / C
-in d2 (the error torch.cdist's matmul mode also has; the reference, built from
-differences, does not): clusters match the reference on separated data, and
-near-ties within that error may resolve differently (tests bound both).
-float64 is declined (no float64 tensor-core path; the reference is exact).
+Products use ``input_precision="tf32x3"`` on the centred fp32 values for
+every input dtype: fp32-level products on tensor cores (plain tf32 keeps 10
+mantissa bits: ~1e-3 relative, too coarse for density ties; 16-bit operands
+would round the centred values). Clusters match the reference on separated
+data; near-ties in density within the certified tolerance may resolve
+differently (tests bound both). float64 is declined (no float64 tensor-core
+path; the reference is exact).
 
 Floor (COMPUTED from peak rates, NOT measured; no GPU was available): the two
-full distance passes cost 2 x 2*B*N^2*C FLOPs, over the H100 SXM dense bf16
-rate ~990 TFLOP/s; reading x once costs B*N*C*2 bytes over 3.35 TB/s.
-- B=32, N=729, C=1152: 7.84e10 FLOP -> 79 us; x read 53.7 MB -> 16 us per
-  read; assignment to M=64 centres adds 3.5 us. Compute-bound: ~83 us.
-- B=1, N=16384, C=1024: 1.10e12 FLOP -> 1.11 ms; x read 33.5 MB -> 10 us;
-  assignment (M=64) 2.2 us. Compute-bound: ~1.11 ms.
-The k-list updates (min/max reductions on CUDA cores: up to k steps on the
-first tile, few on later ones) are extra work outside this floor. Block sizes below are fixed choices for H100 (64 x 64 tiles, 64-wide C
-chunks for 16-bit inputs), not tuned on hardware.
+full distance passes cost 2 x 2*B*N^2*C FLOPs. tf32x3 issues three tf32
+products per product, so the rate is a third of the H100 SXM dense tf32 rate
+(~495 TFLOP/s): ~165 TFLOP/s; reading x costs B*N*C*(bytes) over 3.35 TB/s.
+- B=32, N=729, C=1152: 7.84e10 FLOP -> 475 us; x read (bf16) 53.7 MB -> 16 us
+  per read (stats, norms, two passes, assignment). Compute-bound: ~0.5 ms.
+- B=1, N=16384, C=1024: 1.10e12 FLOP -> 6.7 ms. Compute-bound.
+(A single 16-bit product pass would be 6x faster but rounds the centred
+features to 16 bits; splitting them into two 16-bit halves, three bf16 dots,
+would halve the tf32x3 cost at ~2^-16 relative error: not done.) The k-list
+updates (min/max reductions on CUDA cores) are extra work outside this
+floor, as are certification's three near-empty EXACT launches (launch
+latency) and a runner-up reduction per tile. Block sizes below are fixed choices for H100 (64 x 64 tiles, 32-wide
+C chunks), not tuned on hardware.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from ._backends import CallInfo, Impl, register
+from .reference import _select_centers as _reference_select
+from .reference import column_max_cap, image_scale, order_centers_by_score, score_of
 
 try:
     import triton
@@ -78,8 +131,21 @@ else:
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 MAX_K = 128  # the per-row k-nearest list is held in registers
-MAX_SELECT_N = 32768  # one program holds an image's scores
+# one program holds an image's scores: 16384 spills under triton 3.6 (16 or 32 warps); above, torch ranks them
+MAX_SELECT_N = 8192
 _INF = float("inf")
+# tf32x3 products carry ~2**-21 relative error and fp32 sums add more: a
+# squared distance below 2**-19 (|a_i|^2 + |a_j|^2) cannot be told from 0
+SNAP = tl.constexpr(2.0**-19) if tl is not None else 2.0**-19
+# a row's k-nearest mean is certified when the norm trick's error bound is at most this part of it
+KNN_TOL = tl.constexpr(2.0**-4) if tl is not None else 2.0**-4
+
+# Loop bounds: triton 3.6's interpreter turns a ``range`` bound that is a
+# kernel argument into int() of a one-element numpy array, which numpy >= 2.4
+# refuses (triton >= 3.8 fixed it). So C, the bound of the pipelined GEMM
+# loop, is a constexpr (one compile per feature width: fixed per model), and
+# the loops over tokens, k and centres, which need no software pipelining,
+# are ``while`` loops.
 
 
 # ----------------------------------------------------------------- kernels
@@ -95,12 +161,11 @@ def _real_tokens(mask_img, idx, N, HAS_MASK: tl.constexpr):
 
 
 @_jit
-def _sq_dist_tile(
-    x_img, rows, cols, row_ok, col_ok, nrm_r, nrm_c, stride_n, stride_c, C, inv_c,
+def _dot_tile(
+    x_img, shift_img, inv_s, rows, cols, row_ok, col_ok, stride_n, stride_c, C: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr,
-    DOT_UPCAST: tl.constexpr,
 ):
-    """(BLOCK_M, BLOCK_N) fp32 scaled squared distances between token sets ``rows`` and ``cols``."""
+    """(BLOCK_M, BLOCK_N) fp32 dot products a_i.a_j of the centred, scaled tokens ``a = x / s - shift``."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     row_off = rows * stride_n
     col_off = cols * stride_n
@@ -108,31 +173,108 @@ def _sq_dist_tile(
         # offsets rebuilt per chunk: no 64-bit pointer tiles live across the loop
         offs_c = c0 + tl.arange(0, BLOCK_C)
         c_ok = offs_c < C
+        sh = tl.load(shift_img + offs_c, mask=c_ok, other=0.0)
         a = tl.load(x_img + row_off[:, None] + offs_c[None, :] * stride_c, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
         b = tl.load(x_img + col_off[None, :] + offs_c[:, None] * stride_c, mask=c_ok[:, None] & col_ok[None, :], other=0.0)
-        if DOT_UPCAST:  # same products: bf16 x bf16 is exact in fp32
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
+        a = a.to(tl.float32) * inv_s - sh[None, :]
+        b = b.to(tl.float32) * inv_s - sh[:, None]
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    d2 = tl.maximum(nrm_r[:, None] + nrm_c[None, :] - 2.0 * acc, 0.0) * inv_c
-    return tl.where(rows[:, None] == cols[None, :], 0.0, d2)
+    return acc
+
+
+@_jit
+def _sq_dist_tile(
+    x_img, shift_img, inv_s, rows, cols, row_ok, col_ok, nrm_r, nrm_c, stride_n, stride_c, C: tl.constexpr, inv_c,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr,
+    EXACT: tl.constexpr,
+):
+    """(BLOCK_M, BLOCK_N) fp32 squared distances / C between token sets, in units of s^2.
+
+    Norm trick (EXACT off): a value below its own error bound
+    (``SNAP * (|a_i|^2 + |a_j|^2)``) is noise and becomes exactly 0: exact
+    duplicates are at distance 0, as in the reference, so their densities tie
+    the way the reference's do. EXACT: from differences (``_exact_tile``).
+    """
+    if EXACT:
+        return _exact_tile(x_img, inv_s, rows, cols, row_ok, col_ok, stride_n, stride_c, C,
+                           BLOCK_M, BLOCK_N, BLOCK_C, False) * inv_c
+    acc = _dot_tile(x_img, shift_img, inv_s, rows, cols, row_ok, col_ok, stride_n, stride_c, C,
+                    BLOCK_M, BLOCK_N, BLOCK_C, PRECISION)
+    total = nrm_r[:, None] + nrm_c[None, :]
+    d2 = total - 2.0 * acc
+    d2 = tl.where((d2 <= SNAP * total) | (rows[:, None] == cols[None, :]), 0.0, d2)
+    return d2 * inv_c
+
+
+@_jit
+def _exact_tile(
+    x_img, inv_s, rows, cols, row_ok, col_ok, stride_n, stride_c, C: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, DOT: tl.constexpr,
+):
+    """(BLOCK_M, BLOCK_N) fp32 sums over channels of ``(a_i - a_j)^2`` (or ``a_i * a_j`` with DOT), ``a = x / s``.
+
+    The certified path: elementwise fp32 FMAs on CUDA cores, no norm trick,
+    so a squared distance carries ~C * eps32 of its own size, as in the
+    reference (a duplicate is at exactly 0).
+    """
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = offs_c < C
+        a = tl.load(x_img + rows[:, None] * stride_n + offs_c[None, :] * stride_c,
+                    mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32) * inv_s
+        b = tl.load(x_img + cols[:, None] * stride_n + offs_c[None, :] * stride_c,
+                    mask=col_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32) * inv_s
+        if DOT:
+            acc += tl.sum(a[:, None, :] * b[None, :, :], axis=2)
+        else:
+            diff = a[:, None, :] - b[None, :, :]
+            acc += tl.sum(diff * diff, axis=2)
+    return acc
+
+
+@_jit
+def _channel_stats_kernel(
+    x_ptr, mask_ptr, sum_ptr, amax_ptr, N, C: tl.constexpr, stride_b, stride_n, stride_c,
+    HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Per (image, channel): sum (float64) and largest |x| over the real tokens."""
+    b = tl.program_id(1).to(tl.int64)
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    total = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    amax = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    n0 = 0
+    while n0 < N:
+        rows = n0 + tl.arange(0, BLOCK_N)
+        ok = _real_tokens(mask_ptr + b * N, rows, N, HAS_MASK)
+        ptrs = x_ptr + b * stride_b + rows[:, None] * stride_n + offs_c[None, :] * stride_c
+        v = tl.load(ptrs, mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+        total += tl.sum(v.to(tl.float64), axis=0)
+        amax = tl.maximum(amax, tl.max(tl.abs(v), axis=0))
+        n0 += BLOCK_N
+    tl.store(sum_ptr + b * C + offs_c, total, mask=c_ok)
+    tl.store(amax_ptr + b * C + offs_c, amax, mask=c_ok)
 
 
 @_jit
 def _sq_norms_kernel(
-    x_ptr, mask_ptr, out_ptr, N, C, stride_b, stride_n, stride_c,
+    x_ptr, mask_ptr, shift_ptr, inv_ptr, out_ptr, N, C: tl.constexpr, stride_b, stride_n, stride_c,
     HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     b = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ok = _real_tokens(mask_ptr + b * N, rows, N, HAS_MASK)
-    offs_c = tl.arange(0, BLOCK_C)
-    ptrs = x_ptr + b * stride_b + rows[:, None] * stride_n + offs_c[None, :] * stride_c
+    inv_s = tl.load(inv_ptr + b)
     acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        v = tl.load(ptrs, mask=ok[:, None] & (offs_c < C - c0)[None, :], other=0.0).to(tl.float32)
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = offs_c < C
+        sh = tl.load(shift_ptr + b * C + offs_c, mask=c_ok, other=0.0)
+        ptrs = x_ptr + b * stride_b + rows[:, None] * stride_n + offs_c[None, :] * stride_c
+        # channels past C: 0 * inv_s - 0
+        v = tl.load(ptrs, mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32) * inv_s - sh[None, :]
         acc += tl.sum(v * v, axis=1)
-        ptrs += BLOCK_C * stride_c
     tl.store(out_ptr + b * N + rows, acc, mask=rows < N)
 
 
@@ -163,126 +305,236 @@ def _merge_smallest(knn, d2, BLOCK_N: tl.constexpr, K_PAD: tl.constexpr):
 
 
 @_jit
+def _rows_to_redo(unsure_ptr, rows, row_ok, N, EXACT: tl.constexpr):
+    """EXACT launch: the rows the norm-trick launch could not certify, and the column bound (0: none here)."""
+    if EXACT:
+        todo = row_ok & (tl.load(unsure_ptr + rows, mask=rows < N, other=0) != 0)
+        n_end = tl.where(tl.max(todo.to(tl.int32), axis=0) > 0, N, 0)
+    else:
+        todo = row_ok
+        n_end = N
+    return todo, n_end
+
+
+@_jit
 def _knn_density_kernel(
-    x_ptr, nrm_ptr, mask_ptr, k_ptr, out_ptr, N, C, inv_c, stride_b, stride_n, stride_c,
+    x_ptr, nrm_ptr, nmax_ptr, mask_ptr, shift_ptr, scale_ptr, inv_ptr, k_ptr, out_ptr, unsure_ptr, N,
+    C: tl.constexpr, inv_c, stride_b, stride_n, stride_c,
     HAS_MASK: tl.constexpr, K_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr, PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    BLOCK_C: tl.constexpr, PRECISION: tl.constexpr, EXACT: tl.constexpr,
 ):
     b = tl.program_id(1).to(tl.int64)
     x_img = x_ptr + b * stride_b
     mask_img = mask_ptr + b * N
+    shift_img = shift_ptr + b * C
+    inv_s = tl.load(inv_ptr + b)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = _real_tokens(mask_img, rows, N, HAS_MASK)
+    todo, n_end = _rows_to_redo(unsure_ptr + b * N, rows, row_ok, N, EXACT)
     nrm_r = tl.load(nrm_ptr + b * N + rows, mask=rows < N, other=0.0)
-    k = tl.load(k_ptr + b)
+    k = tl.where(n_end > 0, tl.load(k_ptr + b), 0)
     in_list = tl.arange(0, K_PAD)[None, :] < k
     knn = tl.where(in_list, float("inf"), -float("inf")) + tl.zeros((BLOCK_M, K_PAD), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
+    n0 = 0
+    while n0 < n_end:
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = _real_tokens(mask_img, cols, N, HAS_MASK)
         nrm_c = tl.load(nrm_ptr + b * N + cols, mask=cols < N, other=0.0)
-        d2 = _sq_dist_tile(x_img, rows, cols, row_ok, col_ok, nrm_r, nrm_c, stride_n, stride_c, C, inv_c,
-                           BLOCK_M, BLOCK_N, BLOCK_C, PRECISION, DOT_UPCAST)
+        d2 = _sq_dist_tile(x_img, shift_img, inv_s, rows, cols, row_ok, col_ok, nrm_r, nrm_c, stride_n, stride_c,
+                           C, inv_c, BLOCK_M, BLOCK_N, BLOCK_C, PRECISION, EXACT)
         knn = _merge_smallest(knn, tl.where(col_ok[None, :], d2, float("inf")), BLOCK_N, K_PAD)
+        n0 += BLOCK_N
     # sum in ascending order: a function of the k values alone, not of the
     # order they entered the list, so tokens with equal neighbourhoods (e.g.
     # duplicates) get bit-identical densities and stay tied, as in the reference
     slots = tl.arange(0, K_PAD)
     rest = tl.where(in_list, knn, float("inf"))
     total = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for _ in range(0, k):
+    taken = 0
+    while taken < k:
         smallest = tl.min(rest, axis=1)
         total += smallest
         first = tl.min(tl.where(rest == smallest[:, None], slots[None, :], K_PAD), axis=1)
         rest = tl.where(slots[None, :] == first[:, None], float("inf"), rest)
-    density = tl.exp(-total / tl.maximum(k, 1).to(tl.float32))
-    tl.store(out_ptr + b * N + rows, tl.where(row_ok, density, 0.0), mask=rows < N)
+        taken += 1
+    # back to true units: (mean * s) * s is 0 for 0 and overflows to inf (density 0), never inf * 0
+    s = tl.load(scale_ptr + b)
+    density = tl.exp(-((total / tl.maximum(k, 1).to(tl.float32)) * s) * s)
+    out = b * N + rows
+    if EXACT:
+        tl.store(out_ptr + out, density, mask=todo)
+    else:
+        tl.store(out_ptr + out, tl.where(row_ok, density, 0.0), mask=rows < N)
+        # the list's k - 1 non-self values each carry at most the row's error bound: certified
+        # when that moves their mean by at most KNN_TOL of itself
+        err = SNAP * (nrm_r + tl.load(nmax_ptr + b)) * inv_c
+        unsure = row_ok & ((k - 1).to(tl.float32) * err > KNN_TOL * total)
+        tl.store(unsure_ptr + out, unsure.to(tl.int8), mask=rows < N)
 
 
 @_jit
 def _delta_kernel(
-    x_ptr, nrm_ptr, mask_ptr, dens_ptr, delta_ptr, parent_ptr, far_ptr, N, C, inv_c,
+    x_ptr, nrm_ptr, nmax_ptr, mask_ptr, shift_ptr, scale_ptr, inv_ptr, dens_ptr, parent_ptr, far_ptr, unsure_ptr, N,
+    C: tl.constexpr, inv_c,
     stride_b, stride_n, stride_c,
-    HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    HAS_MASK: tl.constexpr, TIE_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr, PRECISION: tl.constexpr, EXACT: tl.constexpr,
 ):
     b = tl.program_id(1).to(tl.int64)
     x_img = x_ptr + b * stride_b
     mask_img = mask_ptr + b * N
+    shift_img = shift_ptr + b * C
+    inv_s = tl.load(inv_ptr + b)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = _real_tokens(mask_img, rows, N, HAS_MASK)
+    todo, n_end = _rows_to_redo(unsure_ptr + b * N, rows, row_ok, N, EXACT)
     nrm_r = tl.load(nrm_ptr + b * N + rows, mask=rows < N, other=0.0)
     dens_r = tl.load(dens_ptr + b * N + rows, mask=rows < N, other=0.0)
     best = tl.full((BLOCK_M,), float("inf"), tl.float32)
+    second = tl.full((BLOCK_M,), float("inf"), tl.float32)  # the runner-up denser token's d2
     best_j = tl.full((BLOCK_M,), -1, tl.int32)
     far = tl.zeros((BLOCK_M,), dtype=tl.float32)  # d2 >= 0: 0 is neutral for the max
-    for n0 in range(0, N, BLOCK_N):
+    n0 = 0
+    while n0 < n_end:
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = _real_tokens(mask_img, cols, N, HAS_MASK)
         nrm_c = tl.load(nrm_ptr + b * N + cols, mask=cols < N, other=0.0)
         dens_c = tl.load(dens_ptr + b * N + cols, mask=cols < N, other=0.0)
-        d2 = _sq_dist_tile(x_img, rows, cols, row_ok, col_ok, nrm_r, nrm_c, stride_n, stride_c, C, inv_c,
-                           BLOCK_M, BLOCK_N, BLOCK_C, PRECISION, DOT_UPCAST)
+        d2 = _sq_dist_tile(x_img, shift_img, inv_s, rows, cols, row_ok, col_ok, nrm_r, nrm_c, stride_n, stride_c,
+                           C, inv_c, BLOCK_M, BLOCK_N, BLOCK_C, PRECISION, EXACT)
         far = tl.maximum(far, tl.max(tl.where(col_ok[None, :], d2, 0.0), axis=1))
-        denser = col_ok[None, :] & (dens_c[None, :] > dens_r[:, None])
+        denser = dens_c[None, :] > dens_r[:, None]
+        if TIE_INDEX:  # equal density: the lower index is the denser
+            denser = denser | ((dens_c[None, :] == dens_r[:, None]) & (cols[None, :] < rows[:, None]))
+        denser = denser & col_ok[None, :]
         cand = tl.where(denser, d2, float("inf"))
         t_min = tl.min(cand, axis=1)
         t_arg = tl.min(tl.where(denser & (cand == t_min[:, None]), cols[None, :], N), axis=1)
+        t_second = tl.min(tl.where(cols[None, :] == t_arg[:, None], float("inf"), cand), axis=1)
         # strict <: an earlier tile (smaller index) keeps a tie
         better = (t_arg < N) & ((t_min < best) | (best_j < 0))
+        second = tl.where(better, tl.minimum(best, t_second), tl.minimum(second, t_min))
         best = tl.where(better, t_min, best)
         best_j = tl.where(better, t_arg, best_j)
+        n0 += BLOCK_N
+    s = tl.load(scale_ptr + b)
     out = b * N + rows
-    in_range = rows < N
     has = row_ok & (best_j >= 0)
-    tl.store(delta_ptr + out, tl.where(has, tl.sqrt(best), 0.0), mask=in_range)
-    tl.store(parent_ptr + out, tl.where(has, best_j, -1).to(tl.int64), mask=in_range)
-    tl.store(far_ptr + out, tl.sqrt(far), mask=in_range)
+    parent = tl.where(has, best_j, -1).to(tl.int64)
+    if EXACT:
+        tl.store(parent_ptr + out, parent, mask=todo)
+        tl.store(far_ptr + out, tl.sqrt(far) * s, mask=todo)
+    else:
+        tl.store(parent_ptr + out, parent, mask=rows < N)
+        tl.store(far_ptr + out, tl.sqrt(far) * s, mask=rows < N)
+        # the parent is certified when no other denser token can be as near within the error bounds
+        err = SNAP * (nrm_r + tl.load(nmax_ptr + b)) * inv_c
+        unsure = has & (second <= best + 2.0 * err)
+        tl.store(unsure_ptr + out, unsure.to(tl.int8), mask=rows < N)
+
+
+@_jit
+def _parent_distance_kernel(
+    x_ptr, parent_ptr, inv_ptr, scale_ptr, out_ptr, N, C: tl.constexpr, inv_c, stride_b, stride_n, stride_c,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Exact distance to the parent, from differences (inf without one): a duplicate is at exactly 0."""
+    b = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    par = tl.load(parent_ptr + b * N + rows, mask=rows < N, other=-1)
+    has = par >= 0
+    par = tl.minimum(tl.maximum(par, 0), N - 1)
+    inv_s = tl.load(inv_ptr + b)
+    x_img = x_ptr + b * stride_b
+    acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        ok = has[:, None] & (offs_c < C)[None, :]
+        a = tl.load(x_img + rows[:, None] * stride_n + offs_c[None, :] * stride_c, mask=ok, other=0.0)
+        p = tl.load(x_img + par[:, None] * stride_n + offs_c[None, :] * stride_c, mask=ok, other=0.0)
+        diff = a.to(tl.float32) * inv_s - p.to(tl.float32) * inv_s
+        acc += tl.sum(diff * diff, axis=1)
+    d = tl.sqrt(acc * inv_c) * tl.load(scale_ptr + b)
+    tl.store(out_ptr + b * N + rows, tl.where(has, d, float("inf")), mask=rows < N)
 
 
 @_jit
 def _assign_kernel(
-    x_ptr, nrm_ptr, mask_ptr, centers_ptr, num_ptr, labels_ptr, N, C, M, inv_c,
-    stride_b, stride_n, stride_c,
-    HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    x_ptr, nrm_ptr, nmax_ptr, mask_ptr, shift_ptr, inv_ptr, centers_ptr, num_ptr, labels_ptr, unsure_ptr, N,
+    C: tl.constexpr, M, inv_c, stride_b, stride_n, stride_c,
+    HAS_MASK: tl.constexpr, COSINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr, PRECISION: tl.constexpr, EXACT: tl.constexpr,
 ):
     b = tl.program_id(1).to(tl.int64)
     x_img = x_ptr + b * stride_b
+    shift_img = shift_ptr + b * C
+    inv_s = tl.load(inv_ptr + b)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = _real_tokens(mask_ptr + b * N, rows, N, HAS_MASK)
+    todo, n_end = _rows_to_redo(unsure_ptr + b * N, rows, row_ok, N, EXACT)
     nrm_r = tl.load(nrm_ptr + b * N + rows, mask=rows < N, other=0.0)
+    if COSINE:  # a zero vector: similarity 0 to every centre
+        inv_r = tl.where(nrm_r > 0, 1.0 / tl.sqrt(nrm_r), 0.0)
     num = tl.minimum(tl.maximum(tl.load(num_ptr + b), 0), M).to(tl.int32)
     best = tl.full((BLOCK_M,), float("inf"), tl.float32)
+    second = tl.full((BLOCK_M,), float("inf"), tl.float32)  # the runner-up centre's cost
     best_s = tl.zeros((BLOCK_M,), dtype=tl.int32)
     own = tl.full((BLOCK_M,), -1, tl.int32)  # the row's own slot when it is a centre
-    for s0 in range(0, num, BLOCK_N):  # only this image's centres
+    s_end = tl.where(n_end > 0, num, 0)
+    s0 = 0
+    while s0 < s_end:  # only this image's centres
         slots = s0 + tl.arange(0, BLOCK_N)
         slot_ok = slots < num
         # bad indices (validation off) are clamped: never read out of bounds
         cols = tl.load(centers_ptr + b * M + slots, mask=slot_ok, other=0)
         cols = tl.minimum(tl.maximum(cols, 0), N - 1).to(tl.int32)
         nrm_c = tl.load(nrm_ptr + b * N + cols, mask=slot_ok, other=0.0)
-        d2 = _sq_dist_tile(x_img, rows, cols, row_ok, slot_ok, nrm_r, nrm_c, stride_n, stride_c, C, inv_c,
-                           BLOCK_M, BLOCK_N, BLOCK_C, PRECISION, DOT_UPCAST)
-        cand = tl.where(slot_ok[None, :], d2, float("inf"))
+        if COSINE:  # nearest = largest similarity: minimise its negative
+            if EXACT:
+                dots = _exact_tile(x_img, inv_s, rows, cols, row_ok, slot_ok, stride_n, stride_c, C,
+                                   BLOCK_M, BLOCK_N, BLOCK_C, True)
+            else:
+                dots = _dot_tile(x_img, shift_img, inv_s, rows, cols, row_ok, slot_ok, stride_n, stride_c, C,
+                                 BLOCK_M, BLOCK_N, BLOCK_C, PRECISION)
+            inv_n = tl.where(nrm_c > 0, 1.0 / tl.sqrt(nrm_c), 0.0)
+            cost = -(dots * inv_r[:, None] * inv_n[None, :])
+        else:
+            cost = _sq_dist_tile(x_img, shift_img, inv_s, rows, cols, row_ok, slot_ok, nrm_r, nrm_c, stride_n,
+                                 stride_c, C, inv_c, BLOCK_M, BLOCK_N, BLOCK_C, PRECISION, EXACT)
+        cand = tl.where(slot_ok[None, :], cost, float("inf"))
         t_min = tl.min(cand, axis=1)
         t_arg = tl.min(tl.where(slot_ok[None, :] & (cand == t_min[:, None]), slots[None, :], M), axis=1)
+        t_second = tl.min(tl.where(slots[None, :] == t_arg[:, None], float("inf"), cand), axis=1)
         better = (t_arg < M) & (t_min < best)
+        second = tl.where(better, tl.minimum(best, t_second), tl.minimum(second, t_min))
         best = tl.where(better, t_min, best)
         best_s = tl.where(better, t_arg, best_s)
         is_self = slot_ok[None, :] & (cols[None, :] == rows[:, None])
         own = tl.maximum(own, tl.max(tl.where(is_self, slots[None, :], -1), axis=1))
+        s0 += BLOCK_N
     label = tl.where(own >= 0, own, best_s)
-    label = tl.where(row_ok & (num > 0), label, -1)
-    tl.store(labels_ptr + b * N + rows, label.to(tl.int64), mask=rows < N)
+    label = tl.where(row_ok & (num > 0), label, -1).to(tl.int64)
+    out = b * N + rows
+    if EXACT:
+        tl.store(labels_ptr + out, label, mask=todo)
+    else:
+        tl.store(labels_ptr + out, label, mask=rows < N)
+        # certified when the runner-up centre cannot be as near within the error bounds
+        # (cosine: the dot's error relative to |a| |b|)
+        if COSINE:
+            err = SNAP + tl.zeros((BLOCK_M,), dtype=tl.float32)
+        else:
+            err = SNAP * (nrm_r + tl.load(nmax_ptr + b)) * inv_c
+        unsure = row_ok & (own < 0) & (best < float("inf")) & (second <= best + 2.0 * err)
+        tl.store(unsure_ptr + out, unsure.to(tl.int8), mask=rows < N)
 
 
 @_jit
 def _pairwise_distance_kernel(
-    x_ptr, nrm_ptr, mask_ptr, out_ptr, N, C, inv_c, stride_b, stride_n, stride_c,
+    x_ptr, nrm_ptr, mask_ptr, shift_ptr, scale_ptr, inv_ptr, out_ptr, N, C: tl.constexpr, inv_c,
+    stride_b, stride_n, stride_c,
     HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     b = tl.program_id(2).to(tl.int64)
     mask_img = mask_ptr + b * N
@@ -292,16 +544,16 @@ def _pairwise_distance_kernel(
     col_ok = _real_tokens(mask_img, cols, N, HAS_MASK)
     nrm_r = tl.load(nrm_ptr + b * N + rows, mask=rows < N, other=0.0)
     nrm_c = tl.load(nrm_ptr + b * N + cols, mask=cols < N, other=0.0)
-    d2 = _sq_dist_tile(x_ptr + b * stride_b, rows, cols, row_ok, col_ok, nrm_r, nrm_c, stride_n, stride_c, C,
-                       inv_c, BLOCK_M, BLOCK_N, BLOCK_C, PRECISION, DOT_UPCAST)
-    d = tl.where(row_ok[:, None] & col_ok[None, :], tl.sqrt(d2), float("inf"))
+    d2 = _sq_dist_tile(x_ptr + b * stride_b, shift_ptr + b * C, tl.load(inv_ptr + b), rows, cols, row_ok, col_ok,
+                       nrm_r, nrm_c, stride_n, stride_c, C, inv_c, BLOCK_M, BLOCK_N, BLOCK_C, PRECISION, False)
+    d = tl.where(row_ok[:, None] & col_ok[None, :], tl.sqrt(d2) * tl.load(scale_ptr + b), float("inf"))
     ptrs = out_ptr + b * N * N + rows[:, None] * N + cols[None, :]
     tl.store(ptrs, d, mask=(rows < N)[:, None] & (cols < N)[None, :])
 
 
 @_jit
 def _select_centers_kernel(
-    score_ptr, mask_ptr, centers_ptr, num_ptr, N, M, threshold, min_clusters,
+    score_ptr, mask_ptr, centers_ptr, num_ptr, N, M, threshold, min_clusters, num_centers,
     HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -312,50 +564,62 @@ def _select_centers_kernel(
     bits = tl.where(score == 0.0, 0, score.to(tl.int32, bitcast=True))  # -0.0 ties +0.0
     key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
     above = valid & (score > threshold)
-    use_threshold = tl.sum(above.to(tl.int32), axis=0) > 0
+    # num_centers > 0: exactly the top num_centers (== M), no threshold
+    use_threshold = (tl.sum(above.to(tl.int32), axis=0) > 0) & (num_centers == 0)
     candidate = tl.where(use_threshold, above, valid)
-    limit = tl.where(use_threshold, M, tl.minimum(min_clusters, M))
+    limit = tl.where(use_threshold | (num_centers > 0), M, tl.minimum(min_clusters, M))
     # largest cut-off t with at least `limit` candidates keyed >= t (or the
     # smallest key when there are fewer): a bisection over the int32 key range
+    # (the bounds are int64 scalars so that lo + hi cannot overflow; the keys stay int32: registers)
     lo = tl.full((), -(2**31), tl.int64)
     hi = tl.full((), 2**31 - 1, tl.int64)
-    key64 = key.to(tl.int64)
     for _ in range(32):
         mid = (lo + hi + 1) // 2
-        count = tl.sum((candidate & (key64 >= mid)).to(tl.int32), axis=0)
+        count = tl.sum((candidate & (key >= mid.to(tl.int32))).to(tl.int32), axis=0)
         ok = count >= limit
         lo = tl.where(ok, mid, lo)
         hi = tl.where(ok, hi, mid - 1)
-    strictly = candidate & (key64 > lo)
-    at_cut = candidate & (key64 == lo)
+    cut = lo.to(tl.int32)
+    strictly = candidate & (key > cut)
+    at_cut = candidate & (key == cut)
     room = limit - tl.sum(strictly.to(tl.int32), axis=0)
     # ties at the cut-off: lower index first
     chosen = strictly | (at_cut & (tl.cumsum(at_cut.to(tl.int32), axis=0) <= room))
     num = tl.sum(chosen.to(tl.int32), axis=0)
     pos = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
     tl.store(centers_ptr + b * M + pos, idx.to(tl.int64), mask=chosen)
-    for s0 in range(0, M, BLOCK):
+    s0 = 0
+    while s0 < M:
         slots = s0 + idx
         tl.store(centers_ptr + b * M + slots, tl.full((BLOCK,), -1, tl.int64), mask=(slots >= num) & (slots < M))
+        s0 += BLOCK
     tl.store(num_ptr + b, num.to(tl.int64))
 
 
 # ----------------------------------------------------------------- host side
 
 
-def _config(dtype: torch.dtype) -> dict:
-    """Fixed tiles for H100: 64 x 64 distance tiles, C chunks of 128 bytes.
+def _config() -> dict:
+    """Fixed tiles for H100: 64 x 64 distance tiles, 32-wide C chunks of fp32 (centred) values.
 
     8 warps: compiled for sm_90 (no GPU), ptxas reports no register spills for
-    any pass, dtype or k list (with 4 warps the fp32 passes spill).
+    the fp32 passes (with 4 warps they spill).
     """
-    # Triton's interpreter multiplies bf16 bit patterns as integers in tl.dot
-    # (Triton 3.9): there, bf16 tiles are widened first. For 16-bit operands
-    # input_precision is moot; "tf32" is the default it would get anyway.
-    upcast = _INTERPRET and dtype == torch.bfloat16
-    if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_C=32, PRECISION="tf32x3", DOT_UPCAST=False, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_C=64, PRECISION="tf32", DOT_UPCAST=upcast, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_C=32, PRECISION="tf32x3", num_warps=8, num_stages=3)
+
+
+def _exact_config() -> dict:
+    """The certified (EXACT) launch: 32 x 32 x 8 difference tiles on CUDA cores; most programs exit at once."""
+    return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_C=8, PRECISION="tf32x3", num_warps=4, num_stages=1)
+
+
+def _twice(kernel, B: int, N: int, args: tuple, **kw) -> None:
+    """The norm-trick launch (writes every row, flags in ``unsure`` the rows it cannot certify), then
+    the EXACT launch, whose programs redo the flagged rows of their block (read on the device) or exit."""
+    for exact, cfg in ((False, _config()), (True, _exact_config())):
+        if kw.get("K_PAD", 0) > 64:  # the k-list shares registers with the tile: half the rows (else spills)
+            cfg["BLOCK_M"] //= 2
+        kernel[_grid(N, B, cfg["BLOCK_M"])](*args, EXACT=exact, **kw, **cfg)
 
 
 def _mask_arg(x: torch.Tensor, mask: Optional[torch.Tensor]):
@@ -365,116 +629,146 @@ def _mask_arg(x: torch.Tensor, mask: Optional[torch.Tensor]):
     return mask.contiguous().view(torch.uint8), True
 
 
-def _prepare(x, mask):
+class _Prepared(NamedTuple):
+    """What every pass of one call shares: per-token |a|^2 and per-image centring and scale."""
+
+    norms: torch.Tensor  # (B, N) fp32 |a_i|^2
+    mask_t: torch.Tensor
+    has_mask: bool
+    shift: torch.Tensor  # (B, C) fp32 mean / s (zeros when not centred)
+    scale: torch.Tensor  # (B,) fp32 s
+    inv: torch.Tensor  # (B,) fp32 1 / s
+    nmax: torch.Tensor  # (B,) fp32 largest |a_i|^2 of a real token: the norm trick's error scale
+
+
+def _prepare(x, mask, centre=True):
     B, N, C = x.shape
     mask_t, has_mask = _mask_arg(x, mask)
+    block_c = min(64, triton.next_power_of_2(C))
+    csum = torch.empty(B, C, dtype=torch.float64, device=x.device)
+    camax = torch.empty(B, C, dtype=torch.float32, device=x.device)
+    _channel_stats_kernel[(triton.cdiv(C, block_c), B)](
+        x, mask_t, csum, camax, N, C, *x.stride(), HAS_MASK=has_mask, BLOCK_N=32, BLOCK_C=block_c
+    )
+    scale, inv = image_scale(camax.amax(1))
+    if centre:
+        count = mask.sum(1) if mask is not None else torch.full((B,), N, device=x.device)
+        shift = (csum / count.clamp(min=1)[:, None] * inv.double()[:, None]).float()
+    else:
+        shift = torch.zeros(B, C, dtype=torch.float32, device=x.device)
     norms = torch.empty(B, N, dtype=torch.float32, device=x.device)
-    block_m = 32
-    block_c = min(128, triton.next_power_of_2(C))
-    _sq_norms_kernel[(triton.cdiv(N, block_m), B)](
-        x, mask_t, norms, N, C, *x.stride(), HAS_MASK=has_mask, BLOCK_M=block_m, BLOCK_C=block_c
+    _sq_norms_kernel[(triton.cdiv(N, 32), B)](
+        x, mask_t, shift, inv, norms, N, C, *x.stride(), HAS_MASK=has_mask, BLOCK_M=32, BLOCK_C=block_c
     )
-    return norms, mask_t, has_mask
+    nmax = (norms if mask is None else norms.masked_fill(~mask, 0)).amax(1)
+    return _Prepared(norms, mask_t, has_mask, shift, scale, inv, nmax)
 
 
-def _launch_common(x):
+def _grid(N: int, B: int, block_m: int):
+    return (triton.cdiv(N, block_m), B)
+
+
+def _knn_density_prepared(x, k, mask, p: _Prepared):
     B, N, C = x.shape
-    cfg = _config(x.dtype)
-    grid = (triton.cdiv(N, cfg["BLOCK_M"]), B)
-    return cfg, grid, 1.0 / C
-
-
-def _knn_density_prepared(x, k, mask, norms, mask_t, has_mask):
-    B, N, C = x.shape
-    cfg, grid, inv_c = _launch_common(x)
-    k_pad = max(2, triton.next_power_of_2(k))
-    if k_pad > 64:  # the k-list shares registers with the tile (64 rows would spill)
-        cfg.update(BLOCK_M=32)
-        grid = (triton.cdiv(N, 32), B)
     real = mask.sum(1) if mask is not None else torch.full((B,), N, device=x.device)
-    k_img = real.clamp(max=k).to(torch.int32)  # validation off: k per image, on the device
+    k_img = real.clamp(max=k).to(torch.int32)  # k per image, on the device
     density = torch.empty(B, N, dtype=torch.float32, device=x.device)
-    _knn_density_kernel[grid](
-        x, norms, mask_t, k_img, density, N, C, inv_c, *x.stride(), HAS_MASK=has_mask, K_PAD=k_pad, **cfg
-    )
+    unsure = torch.empty(B, N, dtype=torch.int8, device=x.device)
+    args = (x, p.norms, p.nmax, p.mask_t, p.shift, p.scale, p.inv, k_img, density, unsure, N, C, 1.0 / C, *x.stride())
+    _twice(_knn_density_kernel, B, N, args, HAS_MASK=p.has_mask, K_PAD=max(2, triton.next_power_of_2(k)))
     return density
 
 
-def _density_delta_prepared(x, density, mask, densest_delta, norms, mask_t, has_mask):
+def _density_delta_prepared(x, density, mask, densest_delta, tie_break, p: _Prepared):
     B, N, C = x.shape
-    cfg, grid, inv_c = _launch_common(x)
     delta = torch.empty(B, N, dtype=torch.float32, device=x.device)
     parent = torch.empty(B, N, dtype=torch.int64, device=x.device)
     far = torch.empty(B, N, dtype=torch.float32, device=x.device)
+    unsure = torch.empty(B, N, dtype=torch.int8, device=x.device)
     dens = density.to(torch.float32).contiguous()
-    _delta_kernel[grid](x, norms, mask_t, dens, delta, parent, far, N, C, inv_c, *x.stride(), HAS_MASK=has_mask, **cfg)
+    args = (x, p.norms, p.nmax, p.mask_t, p.shift, p.scale, p.inv, dens, parent, far, unsure, N, C, 1.0 / C,
+            *x.stride())
+    _twice(_delta_kernel, B, N, args, HAS_MASK=p.has_mask, TIE_INDEX=tie_break == "index")
+    # the parent was chosen on norm-trick distances; its distance is recomputed exactly
+    _parent_distance_kernel[_grid(N, B, 32)](
+        x, parent, p.inv, p.scale, delta, N, C, 1.0 / C, *x.stride(),
+        BLOCK_M=32, BLOCK_C=min(64, triton.next_power_of_2(C)),
+    )
     valid = mask if mask is not None else torch.ones(B, N, dtype=torch.bool, device=x.device)
     if densest_delta == "column_max":
-        top = far.masked_fill(~valid, _INF).amin(1)
+        delta = torch.minimum(delta, column_max_cap(far, dens, valid, tie_break))
     else:
         top = far.masked_fill(~valid, -_INF).amax(1)
-    delta = torch.where(valid & (parent < 0), top[:, None], delta)
-    return delta, parent
+        delta = torch.where(parent < 0, top[:, None], delta)
+    return torch.where(valid, delta, 0), parent
 
 
-def _assign_prepared(x, centers, num_clusters, norms, mask_t, has_mask):
+def _assign_prepared(x, centers, num_clusters, metric, p: _Prepared):
     B, N, C = x.shape
     M = centers.shape[1]
-    cfg, grid, inv_c = _launch_common(x)
     labels = torch.empty(B, N, dtype=torch.int64, device=x.device)
-    _assign_kernel[grid](
-        x, norms, mask_t, centers.contiguous(), num_clusters.contiguous(), labels, N, C, M, inv_c, *x.stride(),
-        HAS_MASK=has_mask, **cfg,
-    )
+    unsure = torch.empty(B, N, dtype=torch.int8, device=x.device)
+    args = (x, p.norms, p.nmax, p.mask_t, p.shift, p.inv, centers.contiguous(), num_clusters.contiguous(), labels,
+            unsure, N, C, M, 1.0 / C, *x.stride())
+    _twice(_assign_kernel, B, N, args, HAS_MASK=p.has_mask, COSINE=metric == "cosine")
     return labels
 
 
-def _select_centers(score, mask, threshold, min_clusters, max_clusters):
+def _select_centers(score, mask, threshold, min_clusters, max_clusters, num_centers, center_order):
     B, N = score.shape
+    if N > MAX_SELECT_N:
+        return _reference_select(score.float(), mask, threshold, min_clusters, max_clusters, num_centers, center_order)
     M = max_clusters
     mask_t, has_mask = _mask_arg(score, mask)
     centers = torch.empty(B, M, dtype=torch.int64, device=score.device)
     num = torch.empty(B, dtype=torch.int64, device=score.device)
     block = max(16, triton.next_power_of_2(N))
+    score32 = score.to(torch.float32).contiguous()
     _select_centers_kernel[(B,)](
-        score.to(torch.float32).contiguous(), mask_t, centers, num, N, M, float(threshold), min_clusters,
-        HAS_MASK=has_mask, BLOCK=block, num_warps=4 if block <= 4096 else (16 if block <= 16384 else 32),
+        score32, mask_t, centers, num, N, M, float(threshold), min_clusters, num_centers,
+        HAS_MASK=has_mask, BLOCK=block, num_warps=4 if block <= 4096 else 16,
     )
+    if center_order == "score":
+        centers = order_centers_by_score(centers, num, score32)
     return centers, num
 
 
-# fns with the op signatures of ops.py
+# fns with the backend signatures of ops.py
 
 
 def _pairwise_distance(x, mask):
     B, N, C = x.shape
-    norms, mask_t, has_mask = _prepare(x, mask)
-    cfg = _config(x.dtype)
+    p = _prepare(x, mask)
+    cfg = _config()
     out = torch.empty(B, N, N, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), B)
-    _pairwise_distance_kernel[grid](x, norms, mask_t, out, N, C, 1.0 / C, *x.stride(), HAS_MASK=has_mask, **cfg)
+    _pairwise_distance_kernel[grid](
+        x, p.norms, p.mask_t, p.shift, p.scale, p.inv, out, N, C, 1.0 / C, *x.stride(), HAS_MASK=p.has_mask, **cfg
+    )
     return out
 
 
 def _knn_density(x, k, mask):
-    return _knn_density_prepared(x, k, mask, *_prepare(x, mask))
+    return _knn_density_prepared(x, k, mask, _prepare(x, mask))
 
 
-def _density_delta(x, density, mask, densest_delta):
-    return _density_delta_prepared(x, density, mask, densest_delta, *_prepare(x, mask))
+def _density_delta(x, density, mask, densest_delta, tie_break):
+    return _density_delta_prepared(x, density, mask, densest_delta, tie_break, _prepare(x, mask))
 
 
-def _assign_to_centers(x, centers, num_clusters, mask):
-    return _assign_prepared(x, centers, num_clusters, *_prepare(x, mask))
+def _assign_to_centers(x, centers, num_clusters, mask, metric):
+    # cosine similarity is not translation invariant: uncentred (scaled) features
+    return _assign_prepared(x, centers, num_clusters, metric, _prepare(x, mask, centre=metric != "cosine"))
 
 
-def _dpc_cluster(x, k, threshold, min_clusters, max_clusters, mask, densest_delta):
-    prepared = _prepare(x, mask)  # norms shared by the three passes
-    density = _knn_density_prepared(x, k, mask, *prepared)
-    delta, parent = _density_delta_prepared(x, density, mask, densest_delta, *prepared)
-    score = density * delta
-    centers, num = _select_centers(score, mask, threshold, min_clusters, max_clusters)
-    labels = _assign_prepared(x, centers, num, *prepared)
+def _dpc_cluster(x, k, threshold, min_clusters, max_clusters, mask, densest_delta, num_centers, center_order,
+                 tie_break):
+    p = _prepare(x, mask)  # shared by the three passes
+    density = _knn_density_prepared(x, k, mask, p)
+    delta, parent = _density_delta_prepared(x, density, mask, densest_delta, tie_break, p)
+    score = score_of(density, delta)
+    centers, num = _select_centers(score, mask, threshold, min_clusters, max_clusters, num_centers, center_order)
+    labels = _assign_prepared(x, centers, num, "euclidean", p)
     return labels, num, centers, score, density, delta, parent
 
 
@@ -500,15 +794,6 @@ def _check_k(call: CallInfo) -> Optional[str]:
     return _check_device_dtype(call)
 
 
-def _check_select(call: CallInfo) -> Optional[str]:
-    N = call.extra.get("N", 1)
-    if N > MAX_SELECT_N:
-        return f"N = {N} > {MAX_SELECT_N}: centre selection holds an image's scores in one program"
-    return _check_device_dtype(call)
-
-
-def _check_cluster(call: CallInfo) -> Optional[str]:
-    return _check_k(call) or _check_select(call)
 
 
 def _register() -> None:
@@ -517,9 +802,9 @@ def _register() -> None:
         "pairwise_distance": (_pairwise_distance, _check_device_dtype),
         "knn_density": (_knn_density, _check_k),
         "density_delta": (_density_delta, _check_device_dtype),
-        "select_centers": (_select_centers, _check_select),
+        "select_centers": (_select_centers, _check_device_dtype),
         "assign_to_centers": (_assign_to_centers, _check_device_dtype),
-        "dpc_cluster": (_dpc_cluster, _check_cluster),
+        "dpc_cluster": (_dpc_cluster, _check_k),
     }
     for op, (fn, check) in table.items():
         register(

@@ -6,6 +6,7 @@ int32 offsets (``cu_tokens``), and every attention over them runs through
 ``transformers`` package (imported on first use).
 """
 
+from .chat_univi import ChatUniViMerge, ChatUniViOutput
 from .decoders import MaskDecoder, SeTokDetokenizer, cluster_masks
 from .losses import (
     ConceptContrastiveLoss,
@@ -37,6 +38,8 @@ __all__ = [
     "ConceptContrastiveLoss",
     "SeTokProjector",
     "ProjectorOutput",
+    "ChatUniViMerge",
+    "ChatUniViOutput",
     "SetokimForCausalLM",
     "IMAGE_PROMPT",
 ]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import colorsys
 import math
+import os
 import statistics
 import sys
 import time
@@ -27,6 +28,10 @@ from typing import Callable, Optional, Sequence
 import torch
 
 SAMPLE_IMAGE = Path(__file__).resolve().parent / "assets" / "coffee.jpg"
+# patches per image above which tokenize refuses (--max-patches raises it): the
+# clustering is quadratic in the patches, and a thin strip resized to the short
+# side would otherwise run for minutes
+DEFAULT_MAX_PATCHES = 4096
 
 
 class CliError(Exception):
@@ -71,8 +76,17 @@ def _open_image(path: Path):
             return im.convert("RGB")
     except FileNotFoundError:
         raise CliError(f"no such image: {path}") from None
-    except (UnidentifiedImageError, OSError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise CliError(f"{path} is too large to decode safely: {exc}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise CliError(f"cannot read {path} as an image: {exc}") from None
+
+
+def patch_grid(size: tuple[int, int], patch: int, short_side: int) -> tuple[int, int]:
+    """``(gh, gw)``: the patch grid of an image of ``size = (w, h)`` resized to ``short_side``."""
+    w, h = size
+    scale = short_side / min(w, h)
+    return max(1, round(h * scale / patch)), max(1, round(w * scale / patch))
 
 
 def _srgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
@@ -108,9 +122,9 @@ def patch_descriptors(image, patch: int, short_side: int):
     """
     import numpy as np
 
-    w, h = image.size
-    scale = short_side / min(w, h)
-    gw, gh = max(1, round(w * scale / patch)), max(1, round(h * scale / patch))
+    if patch < 2:
+        raise ValueError(f"patch must be >= 2 pixels (its quadrants and spread need 2 x 2), got {patch}")
+    gh, gw = patch_grid(image.size, patch, short_side)
     resized = image.resize((gw * patch, gh * patch))
     rgb = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0)
     lab = _srgb_to_lab(rgb)  # (H, W, 3)
@@ -225,22 +239,79 @@ def draw_cluster_map(image, labels: torch.Tensor, centers: Sequence[int], grid: 
 def _device(name: Optional[str]) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CliError("--device cuda: no CUDA device is available")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CliError(f"--device: unknown device {name!r}; expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise CliError(f"--device: {name!r} is not supported; expected cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CliError(f"--device {name}: no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CliError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def _output_dir(out: str, targets: Sequence[Path]) -> Path:
+    """``--out`` as a writable directory, created if needed, and no target that is not a file."""
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CliError(f"--out {out}: exists and is not a directory")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CliError(f"--out {out}: cannot create the directory: {exc.strerror or exc}") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise CliError(f"--out {out}: the directory is not writable")
+    clash = [str(t) for t in targets if t.exists() and not t.is_file()]
+    if clash:
+        raise CliError(f"--out {out}: {', '.join(clash)} exist and are not files")
+    return out_dir
+
+
+def _save_atomically(canvas, target: Path) -> None:
+    """Write next to the target, then rename: an interrupted save leaves no partial PNG."""
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        canvas.save(partial, format="PNG")
+        os.replace(partial, target)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise CliError(f"cannot write {target}: {exc}") from None
+
+
+def _check_images(paths: Sequence[Path], args) -> None:
+    """Every input decodes and gives at most --max-patches patches: checked before any output is written."""
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise CliError(f"no such image: {', '.join(missing)}")
+    stems = [p.stem for p in paths]
+    twice = sorted({s for s in stems if stems.count(s) > 1})
+    if twice:
+        raise CliError(f"several inputs would write the same map: {', '.join(s + '_clusters.png' for s in twice)}")
+    if args.tower:
+        return  # the tower fixes its own input size and grid
+    for path in paths:
+        gh, gw = patch_grid(_open_image(path).size, args.patch, args.size)
+        if gh * gw > args.max_patches:
+            raise CliError(
+                f"{path}: {gh * gw} patches ({gh} x {gw} at --size {args.size}, --patch {args.patch}) exceed "
+                f"--max-patches {args.max_patches}; raise --max-patches or lower --size"
+            )
 
 
 def cmd_tokenize(args) -> int:
     import setok_kernels
 
     device = _device(args.device)
+    try:
+        setok_kernels._backends.normalize_backend(args.backend, arg="--backend")
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     paths = [Path(p) for p in args.images] or [SAMPLE_IMAGE]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise CliError(f"no such image: {', '.join(missing)}")
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_images(paths, args)
+    out_dir = _output_dir(args.out, [Path(args.out) / f"{p.stem}_clusters.png" for p in paths])
     for path in paths:
         timer = StageTimer(device)
         image = timer("load", _open_image, path)
@@ -248,9 +319,11 @@ def cmd_tokenize(args) -> int:
             feats, grid = timer("features", tower_features, Path(args.tower), image, device)
         else:
             feats, grid = timer("features", patch_descriptors, image, args.patch, args.size)
+        if not bool(torch.isfinite(feats).all()):
+            raise CliError(f"{path}: the {'--tower' if args.tower else 'patch'} features hold NaN or Inf")
         x = feats.to(device)[None]
         n = x.shape[1]
-        k = min(args.k, n)
+        k = min(args.k, n)  # a tiny image has fewer patches than k: use them all
         try:
             result = timer(
                 "cluster",
@@ -269,7 +342,7 @@ def cmd_tokenize(args) -> int:
         title = f"{path.name}: {n} patches ({grid[0]} x {grid[1]}) -> {num} tokens"
         canvas = timer("draw", draw_cluster_map, image, result.labels[0], centers, grid, title)
         target = out_dir / f"{path.stem}_clusters.png"
-        timer("save", canvas.save, target)
+        timer("save", _save_atomically, canvas, target)
         print(f"{path}: {n} patches -> {num} tokens | {timer.summary()} | {target}")
     return 0
 
@@ -348,20 +421,53 @@ def cmd_bench(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line ``setok: error: ...`` and exit status 2, like every other error."""
+
+    def error(self, message):
+        print(f"setok: error: {self.prog.removeprefix('setok ')}: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _threshold(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if math.isnan(value):
+        raise argparse.ArgumentTypeError("must not be NaN")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="setok", description="SeTok visual tokenization: fast DPC-kNN clustering and ragged attention.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="setok", description="SeTok visual tokenization: fast DPC-kNN clustering and ragged attention.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     tok = sub.add_parser("tokenize", help="cluster images into concept tokens and draw the cluster maps")
     tok.add_argument("images", nargs="*", metavar="IMAGE", help=f"image files (default: the bundled {SAMPLE_IMAGE.name})")
     tok.add_argument("--out", default="setok-out", help="directory for the PNG cluster maps (default: setok-out)")
     tok.add_argument("--tower", metavar="PATH", help="local Hugging Face vision model directory (SigLIP, CLIP, ...) for the features")
-    tok.add_argument("--k", type=int, default=16, help="neighbours in the density estimate (default 16)")
-    tok.add_argument("--threshold", type=float, default=0.5, help="score threshold of a cluster centre (default 0.5)")
-    tok.add_argument("--min-clusters", type=int, default=8, help="clusters when no token passes the threshold (default 8)")
-    tok.add_argument("--max-clusters", type=int, default=None, help="cap on the clusters per image (default: none)")
-    tok.add_argument("--patch", type=int, default=16, help="patch size in pixels of the built-in features (default 16)")
-    tok.add_argument("--size", type=int, default=384, help="short side in pixels the image is resized to (default 384)")
+    tok.add_argument("--k", type=_at_least(1), default=16, help="neighbours in the density estimate (default 16)")
+    tok.add_argument("--threshold", type=_threshold, default=0.5, help="score threshold of a cluster centre (default 0.5)")
+    tok.add_argument("--min-clusters", type=_at_least(1), default=8, help="clusters when no token passes the threshold (default 8)")
+    tok.add_argument("--max-clusters", type=_at_least(1), default=None, help="cap on the clusters per image (default: none)")
+    tok.add_argument("--patch", type=_at_least(2), default=16, help="patch size in pixels of the built-in features (default 16)")
+    tok.add_argument("--size", type=_at_least(1), default=384, help="short side in pixels the image is resized to (default 384)")
+    tok.add_argument("--max-patches", type=_at_least(1), default=DEFAULT_MAX_PATCHES,
+                     help=f"refuse an image with more patches than this (default {DEFAULT_MAX_PATCHES}; the clustering is quadratic in them)")
     tok.add_argument("--backend", default=None, help="clustering backend: auto, triton, native, reference (default: $SETOK_BACKEND or auto)")
     tok.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     tok.set_defaults(run=cmd_tokenize)
@@ -371,20 +477,25 @@ def _parser() -> argparse.ArgumentParser:
     info.set_defaults(run=cmd_info)
 
     bench = sub.add_parser("bench", help="quick timing of the main ops on this machine")
-    bench.add_argument("--repeats", type=int, default=5, help="timed calls per op (default 5)")
+    bench.add_argument("--repeats", type=_at_least(1), default=5, help="timed calls per op (default 5)")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     bench.set_defaults(run=cmd_bench)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # usage errors (printed by _Parser.error) and --help
+        return exc.code
     try:
         return args.run(args)
     except CliError as exc:
-        print(f"setok {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        message = str(exc)
+    except (MemoryError, torch.OutOfMemoryError) as exc:
+        message = f"out of memory ({type(exc).__name__}): lower --size or --max-patches"
+    print(f"setok: error: {args.command}: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

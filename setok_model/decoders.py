@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 import setok_kernels
 
+from . import _checks
 from .layers import Mlp, VarlenAttention, VarlenCrossAttention
 
 __all__ = ["SeTokDetokenizer", "MaskDecoder", "cluster_masks"]
@@ -67,7 +68,7 @@ class SeTokDetokenizer(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        self.grid = tuple(grid)
+        self.grid = _checks.pair(grid)
         self.queries = nn.Parameter(torch.randn(grid[0] * grid[1], hidden_dim) * 0.02)
         self.token_proj = nn.Linear(token_dim, hidden_dim)
         self.context_norm = nn.LayerNorm(hidden_dim)
@@ -77,7 +78,7 @@ class SeTokDetokenizer(nn.Module):
 
     def forward(self, tokens: Tensor, cu_tokens: Tensor, max_tokens: Optional[int] = None) -> Tensor:
         """Packed ``tokens (S, D)`` with ``cu_tokens (B+1,)`` -> ``(B, h*w, out_dim)``."""
-        B = cu_tokens.numel() - 1
+        B = _checks.packed_tokens(tokens, cu_tokens, self, self.token_proj.in_features)
         P = self.queries.shape[0]
         context = self.context_norm(self.token_proj(tokens))
         x = self.queries.repeat(B, 1)
@@ -85,7 +86,7 @@ class SeTokDetokenizer(nn.Module):
         max_k = tokens_per_image(tokens, cu_tokens, max_tokens)
         for layer in self.layers:
             x = layer(x, context, cu_q, cu_tokens, P, max_k)
-        return self.head(self.norm(x)).view(B, P, -1)
+        return self.head(self.norm(x)).view(B, P, self.head.out_features)
 
 
 def cluster_masks(labels: Tensor, max_tokens: int, grid: tuple[int, int]) -> Tensor:
@@ -121,10 +122,10 @@ class MaskDecoder(nn.Module):
         image_size: Optional[tuple[int, int]] = None,
     ) -> tuple[Tensor, Tensor]:
         """-> ``(logits (B, M, h, w) or (B, M, H, W) with image_size, key_mask (B, M))``."""
-        B, N, _ = features.shape
-        if grid is None:
-            side = math.isqrt(N)
-            grid = (side, side)
+        B, N, _ = _checks.features(features, self, self.feature_proj.in_features)
+        if _checks.packed_tokens(tokens, cu_tokens, self, self.token_proj.in_features) != B:
+            raise ValueError(f"cu_tokens must have B + 1 = {B + 1} offsets for the {B} images of features, got {cu_tokens.numel()}")
+        grid = _checks.grid(N, grid)
         M = tokens_per_image(tokens, cu_tokens, max_tokens)
         patches = self.feature_norm(self.feature_proj(features))
         x = self.token_proj(tokens)

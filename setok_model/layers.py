@@ -19,6 +19,8 @@ from torch.utils.checkpoint import checkpoint
 
 import setok_kernels
 
+from . import _checks
+
 __all__ = [
     "PositionalEncoding2D",
     "VarlenAttention",
@@ -66,8 +68,7 @@ class VarlenAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, dropout: float = 0.0):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        _checks.heads(dim, num_heads)
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -86,8 +87,7 @@ class VarlenCrossAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, kv_dim: Optional[int] = None, dropout: float = 0.0):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        _checks.heads(dim, num_heads)
         self.num_heads = num_heads
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(kv_dim or dim, 2 * dim)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import asdict, dataclass, fields
 from typing import Mapping, Optional
@@ -12,7 +11,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import setok_kernels
+from setok_kernels import _validation as V
 
+from . import _checks
 from .layers import PositionalEncoding2D, build_encoder
 
 __all__ = ["SeTokConfig", "SeTokOutput", "SeTokTokenizer"]
@@ -26,7 +27,9 @@ class SeTokConfig:
     attention layers, one MLP at the end; needed to load its weights);
     ``"pre_norm"`` is a standard pre-norm transformer for new models.
     ``max_clusters`` bounds the tokens per image (None: N, the reference's
-    "no cap"); it also sets the static size ``M`` of the outputs.
+    "no cap"; 0 is refused, never "no cap"); it also sets the static size
+    ``M`` of the outputs. ``k`` larger than an image's real patches uses
+    them all (SPEC.md: k is clamped per image).
     """
 
     input_dim: int = 4096
@@ -44,6 +47,19 @@ class SeTokConfig:
     densest_delta: str = "column_max"
     block: str = "shared_norm"
     gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        for name in ("input_dim", "hidden_dim", "token_dim", "mlp_dim", "k", "min_clusters"):
+            _checks.count(getattr(self, name), name)
+        for name in ("inner_layers", "inter_layers"):
+            _checks.count(getattr(self, name), name, minimum=0)
+        _checks.heads(self.hidden_dim, self.num_heads)
+        _checks.probability(self.dropout, "dropout")
+        V.not_nan(self.threshold, "threshold")
+        if self.max_clusters is not None:
+            _checks.count(self.max_clusters, "max_clusters")
+        V.densest_delta(self.densest_delta)
+        V.choice(self.block, "block", ("shared_norm", "pre_norm"))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,18 +107,6 @@ def _live_extent(packing, rows: int, segments: int, device: torch.device) -> tup
     return int(packing.cu_seqlens[-1]), int(packing.cu_clusters[-1])
 
 
-def square_grid(N: int, grid: Optional[tuple[int, int]]) -> tuple[int, int]:
-    if grid is None:
-        side = math.isqrt(N)
-        if side * side != N:
-            raise ValueError(f"features have N = {N} patches, not a square: pass grid=(h, w)")
-        return side, side
-    h, w = (int(g) for g in grid)
-    if h * w != N:
-        raise ValueError(f"grid {h}x{w} does not match N = {N} patches")
-    return h, w
-
-
 class SeTokTokenizer(nn.Module):
     """Position embedding -> DPC-kNN -> intra-cluster encoder -> mean -> inter-cluster encoder -> ``out``.
 
@@ -131,20 +135,26 @@ class SeTokTokenizer(nn.Module):
         self.inter_encoder.gradient_checkpointing = enabled
 
     def cluster(self, features: Tensor, mask: Optional[Tensor] = None, grid: Optional[tuple[int, int]] = None):
-        """``(features + position embedding, ClusterResult)``: the clustering alone."""
-        if features.dim() != 3 or features.shape[-1] != self.config.input_dim:
-            raise ValueError(f"features must have shape (B, N, {self.config.input_dim}), got {tuple(features.shape)}")
+        """``(features + position embedding, ClusterResult)``: the clustering alone.
+
+        An image with no real patch (mask all False) gets no cluster.
+        """
         c = self.config
-        x = self.position_embedding(features, square_grid(features.shape[1], grid))
+        _, N, _ = _checks.features(features, self, c.input_dim)
+        x = self.position_embedding(features, _checks.grid(N, grid))
         clusters = setok_kernels.dpc_cluster(
-            x, c.k, c.threshold, c.min_clusters, c.max_clusters or x.shape[1], mask, c.densest_delta
+            x, min(c.k, N), c.threshold, c.min_clusters, self.max_tokens(N), mask, c.densest_delta
         )
         return x, clusters
 
+    def max_tokens(self, N: int) -> int:
+        """The static bound M of tokens per image for N patches."""
+        return N if self.config.max_clusters is None else self.config.max_clusters
+
     def forward(self, features: Tensor, mask: Optional[Tensor] = None, grid: Optional[tuple[int, int]] = None) -> SeTokOutput:
-        B, N, _ = features.shape
-        M = self.config.max_clusters or N
         x, clusters = self.cluster(features, mask, grid)
+        B, N, _ = features.shape
+        M = self.max_tokens(N)
         packing = setok_kernels.pack_clusters(clusters.labels, clusters.num_clusters, M)
         live_rows, live_segments = _live_extent(packing, B * N, B * M, x.device)
         # (live_rows, hidden): each cluster's tokens contiguous, masked tokens (in no segment) last
@@ -176,6 +186,9 @@ class SeTokTokenizer(nn.Module):
         if "position_embedding.inv_freq" not in own:
             # some releases keep it out of the state dict; it is a fixed table anyway
             own["position_embedding.inv_freq"] = self.position_embedding.inv_freq
+        missing = [_to_official_key(key) for key in self.state_dict() if key not in own]
+        if missing:
+            raise ValueError(f"state_dict (prefix {prefix!r}) misses {len(missing)} key(s): {', '.join(prefix + k for k in missing)}")
         self.load_state_dict(own, strict=True)
 
     @classmethod
@@ -187,12 +200,12 @@ class SeTokTokenizer(nn.Module):
         Parameters take the dtype of the weights.
         """
         sd = _strip_prefix(state_dict, prefix)
-        try:
-            hidden = sd["inner_encoder.norm1.weight"].shape[0]
-            mlp = sd["inner_encoder.mlp.fc1.weight"].shape[0]
-            token_dim = sd["out.weight"].shape[0]
-        except KeyError as exc:
-            raise ValueError(f"not a SeTok reference state dict (prefix {prefix!r}): missing {exc.args[0]}") from None
+        missing = [key for key in _SIZING_KEYS if key not in sd]
+        if missing:
+            raise ValueError(f"not a SeTok reference state dict (prefix {prefix!r}): missing {', '.join(prefix + k for k in missing)}")
+        hidden = sd["inner_encoder.norm1.weight"].shape[0]
+        mlp = sd["inner_encoder.mlp.fc1.weight"].shape[0]
+        token_dim = sd["out.weight"].shape[0]
         if sd["inter_encoder.mlp.fc1.weight"].shape[0] != mlp:
             raise ValueError("inner and inter encoders have different MLP widths; SeTokConfig has one mlp_dim")
         depth = {
@@ -213,11 +226,21 @@ class SeTokTokenizer(nn.Module):
         return model
 
 
+# the keys from_official_state_dict reads the dims off
+_SIZING_KEYS = ("inner_encoder.norm1.weight", "inner_encoder.mlp.fc1.weight", "inter_encoder.mlp.fc1.weight", "out.weight")
+
+
 def _strip_prefix(state_dict: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
 
 
 _LAYER_KEY = re.compile(r"(inner_encoder|inter_encoder)\.layers\.(\d+)\.([01])\.(.+)")
+
+
+def _to_official_key(key: str) -> str:
+    """This module's key -> the reference's (the inverse of the renaming in _from_official_keys)."""
+    m = re.fullmatch(r"(inner_encoder|inter_encoder)\.attn\.(\d+)\.(.+)", key)
+    return f"{m[1]}.layers.{m[2]}.1.{m[3]}" if m else key
 
 
 def _from_official_keys(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:

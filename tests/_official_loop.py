@@ -35,9 +35,8 @@ def dpc_knn(x, k, threshold, min_clusters):
     nearest = torch.topk(d, k=min(k, N), dim=-1, largest=False).values
     density = torch.exp(-(nearest**2).mean(-1))
     denser = density[None, :] > density[:, None]
-    delta = torch.where(denser, d, torch.inf).min(-1).values
-    has_denser = denser.any(-1)
-    delta = torch.where(has_denser, delta, d.max(-1).values.min())
+    # the reference fills the "not denser" entries of column j with j's row maximum: every delta is capped
+    delta = torch.where(denser, d, d.max(-1).values[None, :]).min(-1).values
     score = density * delta
     centres = (score > threshold).nonzero().flatten()
     if centres.numel() == 0:

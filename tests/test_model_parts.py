@@ -1,7 +1,5 @@
 """Detokenizer, mask decoder, losses and projector on top of the tokenizer."""
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,23 +25,23 @@ CONFIG = SeTokConfig(12, 16, 8, 2, 32, 1, 1, k=3, min_clusters=3, max_clusters=5
 
 def tokenize(features):
     torch.manual_seed(1)
-    return SeTokTokenizer(CONFIG)(features)
+    return SeTokTokenizer(CONFIG).to(features.device)(features)
 
 
 def each_image_alone(fn, features):
     return [fn(features[b : b + 1]) for b in range(features.shape[0])]
 
 
-def test_detokenizer_decodes_each_image_from_its_own_tokens():
-    features = torch.randn(3, 16, 12)
-    detok = SeTokDetokenizer(8, 16, 2, 32, 2, grid=(4, 4), out_dim=3 * 2 * 2)
+def test_detokenizer_decodes_each_image_from_its_own_tokens(device):
+    features = torch.randn(3, 16, 12, device=device)
+    detok = SeTokDetokenizer(8, 16, 2, 32, 2, grid=(4, 4), out_dim=3 * 2 * 2).to(device)
     out = tokenize(features)
     assert len(set(out.num_tokens.tolist())) > 1
     pred = detok(out.tokens, out.cu_tokens)
     assert pred.shape == (3, 16, 12)
     for b, alone in enumerate(each_image_alone(lambda f: detok(*_packed(tokenize(f))), features)):
         torch.testing.assert_close(pred[b], alone[0])
-    images = torch.randn(3, 3, 8, 8)
+    images = torch.randn(3, 3, 8, 8, device=device)
     target = patchify(images, 2)
     assert torch.equal(unpatchify(target, 2, (4, 4)), images)
     loss = reconstruction_loss(pred, target)
@@ -141,8 +139,8 @@ def test_concept_contrastive_loss_matches_the_definition():
     torch.testing.assert_close(concept_contrastive_loss(img, txt, torch.tensor(0.0)), naive_pair_term(img, txt, 1.0))
 
 
-def test_pool_tokens_is_the_mean_per_image():
-    out = tokenize(torch.randn(2, 16, 12))
+def test_pool_tokens_is_the_mean_per_image(device):
+    out = tokenize(torch.randn(2, 16, 12, device=device))
     pooled = pool_tokens(out.tokens, out.cu_tokens)
     padded, key_mask = out.padded()
     expected = (padded * key_mask[..., None]).sum(1) / key_mask.sum(1, keepdim=True)
@@ -150,9 +148,9 @@ def test_pool_tokens_is_the_mean_per_image():
 
 
 @pytest.mark.parametrize("projector", ["mlp2x_gelu", "linear"])
-def test_projector_returns_padded_and_packed_llm_embeddings(projector):
-    features = torch.randn(3, 16, 12)
-    proj = SeTokProjector(CONFIG, llm_dim=24, projector=projector)
+def test_projector_returns_padded_and_packed_llm_embeddings(projector, device):
+    features = torch.randn(3, 16, 12, device=device)
+    proj = SeTokProjector(CONFIG, llm_dim=24, projector=projector).to(device)
     out = proj(features)
     S = int(out.cu_seqlens[-1])
     assert out.embeds.shape == (3, 5, 24) and out.packed.shape == (15, 24)

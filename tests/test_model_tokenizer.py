@@ -1,4 +1,9 @@
-"""SeTokTokenizer: reference-weight parity, masks, gradients, autocast, checkpointing, compile."""
+"""SeTokTokenizer: reference-weight parity, masks, gradients, autocast, checkpointing, compile.
+
+Each test that runs the tokenizer takes the ``device`` under test (tests/conftest.py);
+the reference loop it is compared with runs on the CPU."""
+
+import dataclasses
 
 import pytest
 import torch
@@ -30,14 +35,20 @@ def official_weights(dtype=torch.float64):
     return {f"model.tokenizer.{key}": value for key, value in sd.items()}
 
 
-def test_official_weights_give_the_reference_clusters_and_tokens():
+def _cpu(out):
+    """The output with its tensors on the CPU, to compare with the reference loop (which runs there)."""
+    tensors = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+    return dataclasses.replace(out, **{k: v.cpu() for k, v in tensors.items() if torch.is_tensor(v)})
+
+
+def test_official_weights_give_the_reference_clusters_and_tokens(device):
     sd = official_weights()
     features = clustered_features()
     tok = SeTokTokenizer.from_official_state_dict(sd, num_heads=HEADS, prefix="model.tokenizer.", k=4, min_clusters=5)
     assert tok.out.weight.dtype == torch.float64
     assert (tok.config.hidden_dim, tok.config.mlp_dim, tok.config.token_dim) == (C, MLP, TOKEN_DIM)
     assert (tok.config.inner_layers, tok.config.inter_layers) == (2, 2)
-    out = tok.eval()(features)
+    out = _cpu(tok.to(device).eval()(features.to(device)))
     expected = official_tokenize(sd, features, HEADS, k=4, min_clusters=5, prefix="model.tokenizer.")
 
     counts = [len(tokens) for tokens, _, _ in expected]
@@ -58,16 +69,16 @@ def test_official_weights_give_the_reference_clusters_and_tokens():
     assert torch.equal(out.tokens[sum(counts) :], torch.zeros_like(out.tokens[sum(counts) :]))
 
 
-def test_load_official_state_dict_into_an_existing_tokenizer():
+def test_load_official_state_dict_into_an_existing_tokenizer(device):
     sd = official_weights(torch.float32)
     config = SeTokConfig(C, C, TOKEN_DIM, HEADS, MLP, k=4, min_clusters=5)
     tok = SeTokTokenizer(config)
     tok.load_official_state_dict(sd, prefix="model.tokenizer.")
     features = clustered_features(dtype=torch.float32)
     expected = official_tokenize(sd, features, HEADS, k=4, min_clusters=5, prefix="model.tokenizer.")
-    padded, _ = tok(features).padded()
+    padded, _ = tok.to(device)(features.to(device)).padded()
     for b, (tokens, _, _) in enumerate(expected):
-        torch.testing.assert_close(padded[b, : len(tokens)], tokens, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(padded[b, : len(tokens)].cpu(), tokens, rtol=1e-4, atol=1e-5)
 
 
 def test_official_loading_rejects_what_the_reference_cannot_be():
@@ -84,7 +95,7 @@ def test_official_loading_rejects_what_the_reference_cannot_be():
     del sd["model.tokenizer.out.bias"]
     sd["model.tokenizer.inner_encoder.layers.1.0.weight"] = sd["model.tokenizer.inner_encoder.norm1.weight"]
     tok = SeTokTokenizer(SeTokConfig(C, C, TOKEN_DIM, HEADS, MLP))
-    with pytest.raises(RuntimeError, match="out.bias"):
+    with pytest.raises(ValueError, match="misses 1 key.*model.tokenizer.out.bias"):
         tok.load_official_state_dict(sd, "model.tokenizer.")
 
 
@@ -93,10 +104,10 @@ def tiny_tokenizer(block="pre_norm", input_dim=20, **kw):
     return SeTokTokenizer(config)
 
 
-def test_masked_patches_never_change_the_tokens():
-    tok = tiny_tokenizer().eval()
-    features = torch.randn(2, 25, 20)
-    mask = torch.rand(2, 25) > 0.3
+def test_masked_patches_never_change_the_tokens(device):
+    tok = tiny_tokenizer().to(device).eval()
+    features = torch.randn(2, 25, 20, device=device)
+    mask = torch.rand(2, 25, device=device) > 0.3
     out = tok(features, mask)
     noisy = torch.where(mask[..., None], features, 100 * torch.randn_like(features))
     again = tok(noisy, mask)
@@ -106,9 +117,9 @@ def test_masked_patches_never_change_the_tokens():
 
 
 @pytest.mark.parametrize("block", ["shared_norm", "pre_norm"])
-def test_gradients_reach_parameters_and_features_and_checkpointing_matches(block):
-    tok = tiny_tokenizer(block).double()
-    features = torch.randn(2, 16, 20, dtype=torch.float64, requires_grad=True)
+def test_gradients_reach_parameters_and_features_and_checkpointing_matches(block, device):
+    tok = tiny_tokenizer(block).to(device, torch.float64)
+    features = torch.randn(2, 16, 20, dtype=torch.float64, device=device, requires_grad=True)
 
     def grads():
         tok.zero_grad()
@@ -124,11 +135,11 @@ def test_gradients_reach_parameters_and_features_and_checkpointing_matches(block
         torch.testing.assert_close(a, b)
 
 
-def test_bf16_autocast_keeps_the_clusters():
-    tok = tiny_tokenizer()
-    features = torch.randn(2, 16, 20)
+def test_bf16_autocast_keeps_the_clusters(device):
+    tok = tiny_tokenizer().to(device)
+    features = torch.randn(2, 16, 20, device=device)
     ref = tok(features)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         out = tok(features)
     out.tokens.float().square().mean().backward()
     assert out.tokens.dtype == torch.bfloat16
@@ -137,9 +148,9 @@ def test_bf16_autocast_keeps_the_clusters():
     assert all(p.grad is not None for p in tok.parameters())
 
 
-def test_compiled_encoders_match_eager():
-    tok = tiny_tokenizer("shared_norm")
-    features = torch.randn(2, 16, 20)
+def test_compiled_encoders_match_eager(device):
+    tok = tiny_tokenizer("shared_norm").to(device)
+    features = torch.randn(2, 16, 20, device=device)
     eager = tok(features).tokens
     eager.sum().backward()
     eager_grad = tok.inner_encoder.attn[0].qkv.weight.grad.clone()

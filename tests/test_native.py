@@ -15,6 +15,8 @@ import setok_kernels as sk
 from setok_kernels import _native
 from setok_kernels import reference as R
 
+from ._oracle import assign_one_image, dpc_batch
+
 if not _native.build_info()["loaded"]:
     if os.environ.get("SETOK_SKIP_BUILD") == "1":
         pytest.skip("native library not built (SETOK_SKIP_BUILD=1)", allow_module_level=True)
@@ -191,12 +193,13 @@ def test_segment_mean_gradcheck():
 def test_deterministic_and_thread_count_independent():
     x = torch.randn(4, 300, 16)
     big = torch.randn(1, 700, 16)
+    wide = torch.randn(1, 150, 300)  # many channels: one thread reuses symmetric distances
     threads = torch.get_num_threads()
     try:
         results = []
         for n in (1, 2, 1):
             torch.set_num_threads(n)
-            results.append([dpc(t, "native", k=6) for t in (x, big)])
+            results.append([dpc(t, "native", k=6) for t in (x, big, wide)])
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:
@@ -236,16 +239,34 @@ def test_opcheck_native_ops():
     mask = scattered_mask(2, 12)
     dens = ops.native_knn_density(x, 3, mask)
     _opcheck(ops.native_knn_density, (x, 3, mask))
-    _opcheck(ops.native_density_delta, (x, dens, mask, True))
-    _opcheck(ops.native_select_centers, (dens, mask, 0.5, 2, 5))
-    centers, num = ops.native_select_centers(dens, None, 0.5, 2, 5)
-    _opcheck(ops.native_assign_to_centers, (x, centers, num, None))
-    _opcheck(ops.native_dpc_cluster, (x, 3, 0.5, 2, 5, mask, False))
-    labels = ops.native_dpc_cluster(x, 3, 0.5, 2, 5, None, True)[0]
+    _opcheck(ops.native_density_delta, (x, dens, mask, "column_max", "index"))
+    _opcheck(ops.native_select_centers, (dens, mask, 0.5, 2, 5, 0, "index"))
+    _opcheck(ops.native_select_centers, (dens, mask, 0.5, 2, 5, 5, "score"))
+    centers, num = ops.native_select_centers(dens, None, 0.5, 2, 5, 0, "index")
+    _opcheck(ops.native_assign_to_centers, (x, centers, num, None, "euclidean"))
+    _opcheck(ops.native_assign_to_centers, (x, centers, num, mask, "cosine"))
+    _opcheck(ops.native_dpc_cluster, (x, 3, 0.5, 2, 5, mask, "global_max", 0, "index", "none"))
+    _opcheck(ops.native_dpc_cluster, (x, 3, 0.5, 2, 5, mask, "column_max", 5, "score", "index"))
+    labels = ops.native_dpc_cluster(x, 3, 0.5, 2, 5, None, "column_max", 0, "index", "none")[0]
     _opcheck(ops.native_pack_clusters, (labels, num, 5))
     cu = torch.tensor([0, 4, 4, 9], dtype=torch.int32)
     _opcheck(ops.native_segment_mean, (torch.randn(10, 3), cu))
     _opcheck(ops.native_segment_mean_backward, (torch.randn(3, 3), cu, 10))
+
+
+def test_native_ops_name_bad_enums():
+    x = separated(1, 8, 3)
+    for args, name in [
+        ((x, 3, 0.5, 2, 5, None, "colmax", 0, "index", "none"), "densest_delta"),
+        ((x, 3, 0.5, 2, 5, None, "column_max", 0, "rank", "none"), "center_order"),
+        ((x, 3, 0.5, 2, 5, None, "column_max", 0, "index", "random"), "tie_break"),
+        ((x, 3, 0.5, 2, 5, None, "column_max", -1, "index", "none"), "num_centers"),
+    ]:
+        with pytest.raises(RuntimeError, match=name):
+            torch.ops.setok.native_dpc_cluster(*args)
+    centers, num = torch.ops.setok.native_select_centers(x[..., 0], None, 0.5, 2, 5, 0, "index")
+    with pytest.raises(RuntimeError, match="metric"):
+        torch.ops.setok.native_assign_to_centers(x, centers, num, None, "manhattan")
 
 
 def test_auto_picks_native_on_cpu_and_build_info():
@@ -255,6 +276,168 @@ def test_auto_picks_native_on_cpu_and_build_info():
     info = _native.build_info()
     assert info["built_for_torch"] == torch.__version__.split("+")[0]
     assert "cpu" in info["ops"]["dpc_cluster"] and "cpu" in info["ops"]["pack_clusters"]
+
+
+# ------------------------------------------------- SeTok's cap, offsets, magnitudes
+
+
+def assert_matches_oracle(x, mask=None, **kw):
+    """Native against the float64 oracle (tests/_oracle.py): decisions exactly, floats to rounding."""
+    kw = dict(dict(k=5, threshold=0.5, min_clusters=3), **kw)
+    nat = dpc(x, "native", mask=mask, **kw)
+    want = dpc_batch(x.double(), mask, **kw)
+    for f in DISCRETE:
+        assert torch.equal(getattr(nat, f), want[f]), f
+    tol = 1e-12 if x.dtype == torch.float64 else 1e-5
+    for f in FLOATS:
+        torch.testing.assert_close(getattr(nat, f).double(), want[f], rtol=tol, atol=tol, msg=f)
+    return nat
+
+
+def capped_case(spread=1.2, seed=0):
+    """Three blobs and one lone token (2-D), built so that SeTok's column-max cap picks the centres.
+
+    Blob D (0, 30) is far from the densest blob A (0, 0), so its peak's nearest
+    denser token is ~30 away; the lone token at (3, 15) is less dense than D
+    and has no token farther than ~16, so it caps D's delta at ~16 and the
+    second centre becomes blob B's peak instead of D's.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def blob(n, centre, s):
+        return torch.tensor(centre, dtype=torch.float64) + s * torch.randn(n, 2, generator=g, dtype=torch.float64)
+
+    x = torch.cat([blob(10, (0.0, 0.0), 0.1), blob(6, (10.0, 0.0), 0.3), blob(6, (0.0, 30.0), spread),
+                   blob(1, (3.0, 15.0), 0.0)])
+    return x[torch.randperm(x.shape[0], generator=g)][None]
+
+
+def test_column_max_cap_decides_centres():
+    x = capped_case()
+    kw = dict(k=4, threshold=1e9, min_clusters=2)
+    out = assert_matches_oracle(x, **kw)
+    # the cap matters here: without it (delta = distance to the parent) a
+    # score and the centres differ
+    d = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") / math.sqrt(2)
+    to_parent = torch.gather(d, 2, out.parent.clamp(min=0)[..., None])[..., 0]
+    uncapped = out.density * torch.where(out.parent >= 0, to_parent, out.delta)
+    assert (uncapped - out.score).abs().max() > 1e-3
+    centers, _ = sk.select_centers(uncapped, 1e9, 2, x.shape[1], backend="reference")
+    assert not torch.equal(centers, out.centers)
+    assert_matches_oracle(x.float(), **kw)
+    assert_matches_oracle(x, **kw, tie_break="index")
+
+
+@pytest.mark.parametrize("densest_delta", ["column_max", "global_max"])
+@pytest.mark.parametrize("tie_break", ["none", "index"])
+def test_delta_matches_oracle_masks_ties_tiny_images(densest_delta, tie_break):
+    kw = dict(densest_delta=densest_delta, tie_break=tie_break)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 45, 7, generator=g, dtype=torch.float64)
+    assert_matches_oracle(x, mask=scattered_mask(3, 45, 0.7), **kw)
+    # small integers: exactly equal densities among duplicates and symmetric layouts
+    ints = torch.randint(-2, 3, (2, 40, 3), generator=g).double()
+    ints[:, 20:30] = ints[:, :10]
+    assert_matches_oracle(ints, k=3, **kw)
+    assert_matches_oracle(ints, k=3, mask=scattered_mask(2, 40, 0.5), **kw)
+    for n in (1, 2):
+        assert_matches_oracle(torch.randn(2, n, 4, generator=g, dtype=torch.float64), k=n, min_clusters=1, **kw)
+    assert_matches_oracle(x, k=45, **kw)  # k = N
+
+
+def quantized(B, N, C, seed=0):
+    """Separated groups on a 2^-8 grid: x + c stays exact in float32 for |x + c| < 2^15."""
+    return (separated(B, N, C, seed=seed) * 256).round() / 256
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_offsets_do_not_change_the_clustering(per_channel):
+    x = quantized(3, 60, 16)
+    spread = x.std().item()
+    g = torch.Generator().manual_seed(7)
+    base = dpc(x, "native", min_clusters=4)
+    for scale in (10.0, 1e3):
+        c = scale * spread * (torch.randn(16, generator=g) if per_channel else torch.ones(16))
+        shifted = x + (c * 256).round() / 256
+        assert shifted.abs().max() < 2**15
+        out = dpc(shifted, "native", min_clusters=4)
+        # differences of the shifted features are exactly those of x: same results bit for bit
+        for f in out._fields:
+            assert torch.equal(getattr(out, f), getattr(base, f)), (scale, f)
+    assert_matches_reference(shifted, min_clusters=4)
+
+
+@pytest.mark.parametrize("exponent", [64, -100])
+@pytest.mark.parametrize("tie_break", ["none", "index"])
+def test_extreme_magnitudes_are_finite_and_exact(exponent, tie_break):
+    # float32 squared distances overflow (|x| ~ 1e19) / underflow (|x| ~ 1e-30)
+    x = separated(2, 40, 8) * 2.0**exponent
+    kw = dict(k=4, min_clusters=4, tie_break=tie_break)
+    out = assert_matches_oracle(x, **kw)
+    for f in FLOATS:
+        assert torch.isfinite(getattr(out, f)).all(), f
+    assert all(len(labels.unique()) > 1 for labels in out.labels)
+    labels = sk.assign_to_centers(x, out.centers, out.num_clusters, metric="cosine", backend="native")
+    assert torch.equal(labels, sk.assign_to_centers(x, out.centers, out.num_clusters, metric="cosine",
+                                                    backend="reference"))
+
+
+# ------------------------------------------------- drop-in options (issue 17)
+
+
+@pytest.mark.parametrize("center_order", ["index", "score"])
+@pytest.mark.parametrize("tie_break", ["none", "index"])
+def test_num_centers_order_and_tie_break_match_oracle(center_order, tie_break):
+    g = torch.Generator().manual_seed(8)
+    x = torch.randint(-3, 4, (3, 50, 4), generator=g).double()
+    x[:, 25:40] = x[:, :15]  # duplicates: equal densities
+    mask = scattered_mask(3, 50, 0.6)
+    mask[2] = torch.arange(50) < 6  # 6 real tokens, fewer than num_centers
+    kw = dict(k=4, num_centers=8, center_order=center_order, tie_break=tie_break)
+    out = assert_matches_oracle(x, mask=mask, **kw)
+    assert out.centers.shape == (3, 8) and out.num_clusters.tolist() == [8, 8, 6]
+    assert_matches_oracle(x, **dict(kw, num_centers=None), threshold=0.3)
+    # float32 rounds tied sums differently from float64: the reference is its oracle
+    assert_matches_reference(x.float(), mask=mask, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_select_centers_num_centers_and_score_order(dtype):
+    score = torch.tensor([[0.3, 0.9, 0.9, float("nan"), 0.9, 0.2], [0.1, 0.2, 0.2, 0.2, 0.05, 0.2]], dtype=dtype)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 1], [1, 1, 0, 0, 0, 0]], dtype=torch.bool)
+    for kw in [dict(num_centers=3), dict(num_centers=1), dict(num_centers=4, center_order="score"),
+               dict(threshold=0.15, min_clusters=2, center_order="score"),
+               dict(threshold=5.0, min_clusters=3, center_order="score")]:
+        kw = dict(dict(threshold=0.5, min_clusters=2), **kw)
+        nat = sk.select_centers(score, mask=mask, backend="native", **kw)
+        ref = sk.select_centers(score, mask=mask, backend="reference", **kw)
+        assert all(torch.equal(a, b) for a, b in zip(nat, ref)), kw
+    nat = sk.select_centers(score, num_centers=4, mask=mask, center_order="score", backend="native")
+    assert nat[0].tolist() == [[3, 1, 2, 0], [1, 0, -1, -1]] and nat[1].tolist() == [4, 2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_assign_cosine_matches_oracle(dtype):
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 70, 12, generator=g, dtype=torch.float64)
+    x[:, 5] = 0  # a zero row: similarity 0 with every centre
+    x = x.to(dtype)
+    centers = torch.tensor([[10, 2, 40, 7, -1], [3, 8, 11, 12, 41]])
+    num = torch.tensor([4, 5])
+    mask = scattered_mask(2, 70, 0.8)
+    mask.scatter_(1, centers.clamp(min=0), True)
+    nat = sk.assign_to_centers(x, centers, num, mask=mask, metric="cosine", backend="native")
+    assert torch.equal(nat, sk.assign_to_centers(x, centers, num, mask=mask, metric="cosine", backend="reference"))
+    for b in range(2):
+        real = mask[b].nonzero().flatten()
+        cs = [int((real == c).nonzero()) for c in centers[b, : num[b]]]
+        assert torch.equal(nat[b, real], assign_one_image(x[b, real], cs, "cosine"))
+        assert (nat[b, ~mask[b]] == -1).all()
+    # centre 41 points exactly where the earlier centre 11 does: every tie goes to 11
+    x[1, 41] = 4 * x[1, 11]
+    tied = sk.assign_to_centers(x, centers, num, mask=mask, metric="cosine", backend="native")
+    assert (tied[1] == 4).nonzero().flatten().tolist() == [41]
+    assert torch.equal(tied[1][nat[1] != 4], nat[1][nat[1] != 4])
 
 
 # ------------------------------------------------------------------ CUDA
@@ -267,11 +450,17 @@ def test_cuda_select_centers(dtype):
     score = (torch.rand(6, 700, generator=g) * 4).round() / 4  # many ties
     score = score.to(dtype)
     mask = scattered_mask(6, 700)
-    for args in [(0.5, 8, 5), (0.5, 8, None), (10.0, 8, None), (10.0, 900, 300), (-1.0, 2, 3)]:
-        ref = sk.select_centers(score, *args, mask=mask, backend="reference")
+    cases = [(0.5, 8, 5), (0.5, 8, None), (10.0, 8, None), (10.0, 900, 300), (-1.0, 2, 3)]
+    for args, kw in [(a, {}) for a in cases] + [
+        ((0.5, 8, 5), dict(center_order="score")),
+        ((10.0, 8, None), dict(center_order="score")),
+        ((0.5, 8, None), dict(num_centers=64)),
+        ((0.5, 8, None), dict(num_centers=600, center_order="score")),  # more than some images' real tokens
+    ]:
+        ref = sk.select_centers(score, *args, mask=mask, backend="reference", **kw)
         for _ in range(2):
-            nat = sk.select_centers(score.cuda(), *args, mask=mask.cuda(), backend="native")
-            assert all(torch.equal(a.cpu(), b) for a, b in zip(nat, ref)), args
+            nat = sk.select_centers(score.cuda(), *args, mask=mask.cuda(), backend="native", **kw)
+            assert all(torch.equal(a.cpu(), b) for a, b in zip(nat, ref)), (args, kw)
 
 
 @cuda
@@ -303,3 +492,18 @@ def test_stale_library_is_reported(monkeypatch):
     path, reason, facts = _native._load()
     assert path is not None and facts["torch"] != "0.0.1"
     assert reason == f"compiled library built for torch {facts['torch']}, running torch 0.0.1: rebuild it"
+
+
+def test_library_for_other_schemas_is_never_loaded(monkeypatch):
+    """A build for other native op schemas would abort the process on load: it is refused by its fingerprint first."""
+    from setok_kernels import _native, _native_abi
+
+    if _native._PATH is None:
+        pytest.skip("no compiled library")
+    assert _native_abi.embedded_fingerprint(_native._PATH) == _native_abi.fingerprint(_native._SCHEMAS)
+    loaded = []
+    monkeypatch.setattr(torch.ops, "load_library", loaded.append)
+    monkeypatch.setattr(_native, "_SCHEMAS", dict(_native._SCHEMAS, native_new_op="(Tensor x) -> Tensor"))
+    path, reason, facts = _native._load()
+    assert path == _native._PATH and not loaded and facts == {}
+    assert "implements other native op schemas" in reason and "rebuild" in reason

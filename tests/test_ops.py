@@ -9,9 +9,9 @@ from setok_kernels import BackendUnavailableError, _backends
 OPS = torch.ops.setok
 
 
-def _cluster_inputs():
-    x = torch.randn(2, 23, 5)
-    mask = torch.rand(2, 23) > 0.3
+def _cluster_inputs(device="cpu"):
+    x = torch.randn(2, 23, 5, device=device)
+    mask = torch.rand(2, 23, device=device) > 0.3
     mask[:, 0] = True
     return x, mask
 
@@ -19,25 +19,31 @@ def _cluster_inputs():
 # ---------------------------------------------------------------- opcheck
 
 
-def test_opcheck_every_op():
-    x, mask = _cluster_inputs()
-    density = OPS.knn_density(x, 3, mask, "reference")
-    delta, _ = OPS.density_delta(x, density, mask, "column_max", "reference")
-    centers, num = OPS.select_centers(density * delta, 0.5, 4, 23, mask, "reference")
-    labels = OPS.assign_to_centers(x, centers, num, mask, "reference")
-    cu = torch.tensor([0, 4, 4, 9, 20], dtype=torch.int32)
-    q, k, v = (torch.randn(20, 2, 8, requires_grad=True) for _ in range(3))
+def _backend(device):
+    """On a GPU, what auto picks there (the GPU kernels); on the CPU, the reference (fast in opcheck)."""
+    return "auto" if device == "cuda" else "reference"
+
+
+def test_opcheck_every_op(device):
+    backend = _backend(device)
+    x, mask = _cluster_inputs(device)
+    density = OPS.knn_density(x, 3, mask, backend)
+    delta, _ = OPS.density_delta(x, density, mask, "column_max", "none", backend)
+    centers, num = OPS.select_centers(density * delta, 0.5, 4, 23, mask, 0, "index", backend)
+    labels = OPS.assign_to_centers(x, centers, num, mask, "euclidean", backend)
+    cu = torch.tensor([0, 4, 4, 9, 20], dtype=torch.int32, device=device)
+    q, k, v = (torch.randn(20, 2, 8, device=device, requires_grad=True) for _ in range(3))
     cases = [
-        (OPS.pairwise_distance, (x, mask, "reference")),
-        (OPS.knn_density, (x, 3, mask, "reference")),
-        (OPS.density_delta, (x, density, mask, "global_max", "reference")),
-        (OPS.select_centers, (density * delta, 0.5, 4, 6, mask, "reference")),
-        (OPS.assign_to_centers, (x, centers, num, mask, "reference")),
-        (OPS.dpc_cluster, (x, 3, 0.5, 4, 23, mask, "column_max", "reference")),
-        (OPS.pack_clusters, (labels, num, 23, "reference")),
-        (OPS.segment_mean, (torch.randn(20, 6, requires_grad=True), cu, "reference")),
-        (OPS.segment_mean_backward, (torch.randn(4, 6), cu, 20, "reference")),
-        (OPS.varlen_attention, (q, k, v, cu, cu, 11, 11, 0.3, "reference")),
+        (OPS.pairwise_distance, (x, mask, backend)),
+        (OPS.knn_density, (x, 3, mask, backend)),
+        (OPS.density_delta, (x, density, mask, "global_max", "index", backend)),
+        (OPS.select_centers, (density * delta, 0.5, 4, 6, mask, 0, "score", backend)),
+        (OPS.assign_to_centers, (x, centers, num, mask, "cosine", backend)),
+        (OPS.dpc_cluster, (x, 3, 0.5, 4, 23, mask, "column_max", 0, "index", "none", backend)),
+        (OPS.pack_clusters, (labels, num, 23, backend)),
+        (OPS.segment_mean, (torch.randn(20, 6, device=device, requires_grad=True), cu, backend)),
+        (OPS.segment_mean_backward, (torch.randn(4, 6, device=device), cu, 20, backend)),
+        (OPS.varlen_attention, (q, k, v, cu, cu, 11, 11, 0.3, backend)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
@@ -46,8 +52,8 @@ def test_opcheck_every_op():
 # ---------------------------------------------------------------- torch.compile
 
 
-def test_compile_fullgraph_dpc_and_attention():
-    x, mask = _cluster_inputs()
+def test_compile_fullgraph_dpc_and_attention(device):
+    x, mask = _cluster_inputs(device)
 
     def pipeline(x, mask):
         r = sk.dpc_cluster(x, 3, 0.5, 4, 8, mask)
@@ -60,11 +66,11 @@ def test_compile_fullgraph_dpc_and_attention():
     for a, b in zip(eager, compiled):
         assert torch.equal(a, b)
 
-    cu = torch.tensor([0, 1, 6, 6, 14], dtype=torch.int32)
-    q, k, v = (torch.randn(14, 2, 16, requires_grad=True) for _ in range(3))
+    cu = torch.tensor([0, 1, 6, 6, 14], dtype=torch.int32, device=device)
+    q, k, v = (torch.randn(14, 2, 16, device=device, requires_grad=True) for _ in range(3))
 
     def attend(q, k, v):
-        return sk.varlen_attention(q, k, v, cu, max_seqlen_q=8, backend="reference")
+        return sk.varlen_attention(q, k, v, cu, max_seqlen_q=8, backend=_backend(device))
 
     out = attend(q, k, v)
     out_c = torch.compile(attend, fullgraph=True, backend="aot_eager")(q, k, v)

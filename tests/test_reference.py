@@ -39,6 +39,29 @@ def mixture(B, N, C, sizes=None, spread=0.05, seed=0, dtype=torch.float64):
     return x.to(dtype)
 
 
+def cap_case():
+    """A big blob, two small far blobs and one sparse token between them, (1, 35, 2).
+
+    The sparse token's farthest token is nearer than the small blobs' peaks
+    are to a denser token, so its rmax caps every delta: it decides the
+    centres at threshold 4.6 (see test_cap_decides_centres).
+    """
+    g = torch.Generator().manual_seed(0)
+    blob = lambda n, at: torch.randn(n, 2, generator=g, dtype=torch.float64) * 0.3 + torch.tensor(at, dtype=torch.float64)
+    x = torch.cat([blob(20, [0.0, 0.0]), blob(6, [8.0, 0.0]), blob(8, [0.0, 8.0]), torch.tensor([[3.0, 3.0]], dtype=torch.float64)])
+    return x[torch.randperm(35, generator=g)][None]
+
+
+def with_copies(x, seed=2):
+    """x with a third of its tokens replaced by exact copies of others (repeated frames)."""
+    g = torch.Generator().manual_seed(seed)
+    N = x.shape[1]
+    src = torch.randint(0, N // 3, (N // 3,), generator=g)
+    x = x.clone()
+    x[:, N - N // 3 :] = x[:, src]
+    return x
+
+
 def scattered_mask(B, N, keep=0.6, seed=1):
     g = torch.Generator().manual_seed(seed)
     m = torch.rand(B, N, generator=g) < keep
@@ -46,9 +69,10 @@ def scattered_mask(B, N, keep=0.6, seed=1):
     return m
 
 
-def check_against_oracle(x, mask=None, k=5, threshold=0.5, min_clusters=4, max_clusters=None, densest_delta="column_max"):
-    got = sk.dpc_cluster(x, k, threshold, min_clusters, max_clusters, mask, densest_delta, backend="reference")
-    want = dpc_batch(x, mask, k, threshold, min_clusters, max_clusters, densest_delta)
+def check_against_oracle(x, mask=None, k=5, threshold=0.5, min_clusters=4, max_clusters=None, densest_delta="column_max",
+                         **options):
+    got = sk.dpc_cluster(x, k, threshold, min_clusters, max_clusters, mask, densest_delta, backend="reference", **options)
+    want = dpc_batch(x, mask, k, threshold, min_clusters, max_clusters, densest_delta, **options)
     for key in ("labels", "centers", "num_clusters", "parent"):
         assert torch.equal(getattr(got, key), want[key]), key
     for key in ("density", "delta", "score"):
@@ -67,6 +91,15 @@ CASES = {
     "cap": dict(x=lambda: mixture(2, 50, 4), threshold=-1.0, max_clusters=7),
     "global_max": dict(x=lambda: mixture(2, 45, 4), densest_delta="global_max"),
     "one_token": dict(x=lambda: torch.randn(2, 1, 4, dtype=torch.float64), k=1),
+    "two_tokens": dict(x=lambda: torch.randn(3, 2, 4, dtype=torch.float64), k=2, min_clusters=1),
+    "k_equals_n": dict(x=lambda: mixture(2, 12, 3), k=12),
+    "cap_decides": dict(x=lambda: cap_case(), k=4, threshold=4.6, min_clusters=2),
+    "tie_break_index": dict(x=lambda: with_copies(mixture(2, 30, 4)), k=3, tie_break="index"),
+    "num_centers": dict(x=lambda: mixture(2, 50, 4), num_centers=6),
+    "num_centers_above_n": dict(x=lambda: mixture(2, 5, 4), k=2, num_centers=9),
+    "score_order": dict(x=lambda: mixture(2, 50, 4), threshold=0.05, center_order="score"),
+    "score_order_num_centers": dict(x=lambda: with_copies(mixture(2, 40, 4)), k=3, num_centers=7, center_order="score",
+                                    tie_break="index", densest_delta="global_max"),
 }
 
 
@@ -75,6 +108,46 @@ def test_reference_equals_oracle(case):
     kw = dict(CASES[case])
     x = kw.pop("x")()
     check_against_oracle(x, **kw)
+
+
+def densest_only_score(x, r):
+    """Scores under the rule this project used before: only tokens without a denser one get min rmax."""
+    d = torch.cdist(x.double(), x.double()) / math.sqrt(x.shape[-1])
+    nearest = torch.gather(d, 2, r.parent.clamp(min=0)[..., None])[..., 0]
+    delta = torch.where(r.parent >= 0, nearest, d.amax(2).amin(1, keepdim=True))
+    return r.density * delta
+
+
+def test_cap_decides_centres():
+    x = cap_case()
+    r = check_against_oracle(x, k=4, threshold=4.6, min_clusters=2)
+    old = densest_only_score(x, r)
+    centers, num = sk.select_centers(old, 4.6, 2)
+    assert (old - r.score).abs().max() > 1, "the cap changes scores"
+    assert not torch.equal(centers[:, : int(num[0])], r.centers[:, : int(r.num_clusters[0])]), "and centres"
+    # every token is capped by the same sparse token, the one of lowest density
+    sparse = r.density[0].argmin()
+    rmax = torch.cdist(x[0], x[0]).amax(1) / math.sqrt(2)
+    assert (r.delta[0] <= rmax[sparse]).all() and (r.delta[0] == rmax[sparse]).sum() >= 3
+
+
+def test_column_max_cap_ties_share_a_cap():
+    density = torch.tensor([[0.5, 0.2, 0.5, 0.9, 0.2, 0.1]])
+    rmax = torch.tensor([[0.5, 5.0, 4.0, 2.0, 6.0, 0.1]])
+    valid = torch.tensor([[True, True, True, True, True, False]])  # token 5 is masked: never caps
+    # 1 and 4 tie at 0.2: both see {1, 4}; 0 and 2 tie at 0.5: both see {1, 4, 0, 2}
+    assert ref.column_max_cap(rmax, density, valid)[0, :5].tolist() == [0.5, 5.0, 0.5, 0.5, 5.0]
+    # by index, the lower index is the denser: 4 sees {4}, 1 sees {4, 1}, 2 sees {4, 1, 2}, 0 sees {4, 1, 2, 0}
+    assert ref.column_max_cap(rmax, density, valid, "index")[0, :5].tolist() == [0.5, 5.0, 4.0, 0.5, 6.0]
+
+
+def test_equal_densities_share_a_cap():
+    """Mirror-image blobs: equal densities across the mirror, so ties share caps and parents."""
+    half = mixture(1, 15, 2, sizes=[0.7, 0.3])
+    x = torch.cat([half, -half], 1)
+    for tie_break in ("none", "index"):
+        r = check_against_oracle(x, k=3, threshold=0.0, tie_break=tie_break)
+    assert torch.equal(r.density[0, :15], r.density[0, 15:])
 
 
 def test_duplicates_and_ties():
@@ -162,21 +235,16 @@ def test_pairwise_distance():
 # ---------------------------------------------------------------- validation off
 
 
-def test_unvalidated_k_is_clamped_and_empty_images_get_no_cluster():
+def test_ragged_k_is_clamped_and_empty_images_get_no_cluster():
     x = mixture(3, 20, 4)
     mask = torch.zeros(3, 20, dtype=torch.bool)
     mask[0, [2, 5, 11]] = True  # fewer real tokens than k
     mask[2] = True
-    with pytest.raises(ValueError, match="no real token"):
-        sk.dpc_cluster(x, 5, 0.5, 2, mask=mask)
-    r = sk.dpc_cluster(x, 5, 0.5, 2, mask=mask, validate=False)
+    r = sk.dpc_cluster(x, 5, 0.5, 2, mask=mask)
     assert r.num_clusters[1] == 0 and (r.labels[1] == -1).all() and (r.centers[1] == -1).all()
     want = dpc_batch(x, mask, 5, 0.5, 2)
     assert torch.equal(r.labels, want["labels"])
     torch.testing.assert_close(r.density, want["density"], rtol=1e-12, atol=0)
-    mask[1, 4] = True
-    with pytest.raises(ValueError, match="k = 5 exceeds the real-token count of image"):
-        sk.dpc_cluster(x, 5, 0.5, 2, mask=mask)
 
 
 def test_nan_in_one_image_leaves_the_others_alone():
