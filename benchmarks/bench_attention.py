@@ -18,8 +18,6 @@ without running anything.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 

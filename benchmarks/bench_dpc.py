@@ -4,6 +4,10 @@ Work counted for the floor: two passes over all token pairs (density, then
 delta; each ``2 C`` FLOPs per pair as a matmul would do it), the assignment
 to the centres (``2 C`` per token and centre), and reading the features once.
 
+Each DPC entry also records ``extra_info["h200_model"]``: an ESTIMATE (computed
+from bytes and FLOPs, never measured) of setok's Triton kernels at the case's
+shape on an H200 (``h200_model``; ``python -m benchmarks.bench_dpc`` prints it).
+
 Also the memory claim (``--run-memory``): peak RSS of a fresh process that
 clusters one image of 16,384 tokens x 256 dims, streaming reference against
 the ``cdist`` version (see ``peak_rss.py``).
@@ -24,6 +28,9 @@ import torch
 import setok_kernels as sk
 
 from . import baselines as bl
+from .bench_attention import H200_BYTES_PER_S, LAUNCH_S
+
+H200_TF32_FLOPS = 395e12  # dense tf32 MMA rate used for the model (tf32x3: three MMAs per product)
 
 THRESHOLD = 0.5
 
@@ -59,6 +66,89 @@ def _work(B, N, C, num_clusters, dtype):
     return flops, B * N * C * torch.finfo(dtype).bits // 8
 
 
+# allocations and CPU scalars: no kernel launch
+_NO_LAUNCH = (torch.ops.aten.empty, torch.ops.aten.empty_like, torch.ops.aten.scalar_tensor)
+
+
+def _glue_launches(B: int, N: int, C: int, k: int, M: int) -> int:
+    """aten ops (one CUDA launch each, views and allocations excluded) that triton ``dpc_cluster`` runs
+    between its Triton kernels: counted on CPU zeros, the Triton kernels skipped."""
+    from triton.runtime.jit import JITFunction
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from setok_kernels import triton_dpc
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view and func.overloadpacket not in _NO_LAUNCH:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    run = JITFunction.run
+    JITFunction.run = lambda self, *args, grid, warmup, **kwargs: None
+    try:
+        with Count():
+            triton_dpc._dpc_cluster(torch.zeros(1, N, C), k, THRESHOLD, min(8, M), M, None, "column_max", 0, "index",
+                                    "none")
+    finally:
+        JITFunction.run = run
+    return Count.n
+
+
+@functools.lru_cache(maxsize=None)
+def h200_model(B: int, N: int, C: int, k: int, M: int, elt: int = 2) -> dict:
+    """ESTIMATED time of each Triton kernel of ``dpc_cluster`` on an H200, from its launch configuration
+    (``triton_dpc._config``/``_exact_config``, ``elt``-byte features, well-conditioned images: the
+    EXACT launches find no row to redo; M centres per image): ``time = max(bytes / 4.3 TB/s, FLOPs / rate)
+    + 5 us``.
+
+    Bytes: HBM traffic, x read once per kernel (the column tiles' re-reads of an image are assumed
+    to hit L2) plus the (B, N) vectors. FLOPs: tensor-core work of the padded distance tiles, tf32x3
+    = 3 tf32 MMAs of 2 FLOPs per multiply-add, at 395 TFLOP/s. Not modelled: the k-list merges and
+    reductions on CUDA cores, select's bisection (one program per image), occupancy and waves.
+    ``glue``: the torch ops between kernels (scale, mean, cap sort/scan, ...), one launch each."""
+    from setok_kernels import triton_dpc as T
+
+    cfg, exact = T._config(), T._exact_config()
+    x_bytes = B * N * C * elt
+
+    def pad(n, block):
+        return -(-n // block) * block
+
+    def gemm(block_m, cols):  # tf32x3 FLOPs of a pass over `cols` columns
+        return 3 * 2 * B * pad(N, block_m) * pad(cols, cfg["BLOCK_N"]) * C
+
+    kernels = {}
+
+    def add(name, config, nbytes, flops=0):
+        t = max(nbytes / H200_BYTES_PER_S, flops / H200_TF32_FLOPS)
+        bound = "memory" if nbytes / H200_BYTES_PER_S >= flops / H200_TF32_FLOPS else "compute"
+        kernels[name] = dict(config=config, bytes=int(nbytes), flops=int(flops), time_s=t + LAUNCH_S, bound=bound)
+
+    def tile(block_m):
+        return f"{block_m}x{cfg['BLOCK_N']}x{cfg['BLOCK_C']} w{cfg['num_warps']} s{cfg['num_stages']}"
+
+    knn_m = cfg["BLOCK_M"] // 2 if k > 64 else cfg["BLOCK_M"]  # as triton_dpc._twice
+    flags = f"EXACT {exact['BLOCK_M']} rows, exits"
+    add("channel_stats", "32 rows x 64 ch", x_bytes + B * C * 12)
+    add("sq_norms", "32 rows x 64 ch", x_bytes + B * N * 4)
+    add("knn_density", tile(knn_m) + f" K_PAD={max(2, 1 << (k - 1).bit_length())}", x_bytes + B * N * 13,
+        gemm(knn_m, N))
+    add("knn_density_exact", flags, B * N)
+    add("delta", tile(cfg["BLOCK_M"]), x_bytes + B * N * 25, gemm(cfg["BLOCK_M"], N))
+    add("delta_exact", flags, B * N)
+    add("parent_distance", "32 rows x 64 ch", 2 * x_bytes + B * N * 12)
+    if N <= T.MAX_SELECT_N:
+        add("select_centers", f"1 program/image, BLOCK={max(16, 1 << (N - 1).bit_length())}", B * N * 5 + B * M * 8)
+    add("assign", tile(cfg["BLOCK_M"]) + f", {M} centres", x_bytes + B * N * 9, gemm(cfg["BLOCK_M"], M))
+    add("assign_exact", flags, B * N)
+    glue = _glue_launches(B, N, C, k, M)
+    kernels["glue"] = dict(config=f"{glue} torch ops", bytes=0, flops=0, time_s=glue * LAUNCH_S, bound="launch")
+    return dict(kernels=kernels, total_s=sum(v["time_s"] for v in kernels.values()), estimate=True)
+
+
 @pytest.mark.parametrize("impl", SETOK + tuple(BASELINES))
 def test_dpc_cluster(measure, benchmark, device, dtype, case, impl):
     benchmark.group = "dpc"
@@ -72,7 +162,8 @@ def test_dpc_cluster(measure, benchmark, device, dtype, case, impl):
         if benchmark.disabled:
             pytest.skip("KeOps compiles each formula on first use (minutes): not in smoke runs")
     pool = _inputs(device, dtype, B, N, C)
-    flops, nbytes = _work(B, N, C, _reference_clusters(case, device, dtype), dtype)
+    clusters = _reference_clusters(case, device, dtype)
+    flops, nbytes = _work(B, N, C, clusters, dtype)
     if impl in SETOK:
         def fn(x):
             return sk.dpc_cluster(x, k=k, threshold=THRESHOLD, min_clusters=min_clusters, backend=impl, validate=False)
@@ -84,7 +175,8 @@ def test_dpc_cluster(measure, benchmark, device, dtype, case, impl):
             return baseline(x, k, THRESHOLD, min_clusters)
         role = "baseline"
     measure(fn, pool, impl=impl, case=name, role=role, flops=flops, bytes=nbytes,
-            shape=dict(B=B, N=N, C=C, k=k, min_clusters=min_clusters, dtype=str(dtype)[6:]))
+            shape=dict(B=B, N=N, C=C, k=k, min_clusters=min_clusters, dtype=str(dtype)[6:]),
+            h200_model=h200_model(B, N, C, k, max(1, -(-clusters // B)), torch.finfo(dtype).bits // 8))
 
 
 # ------------------------------------------------------------------ memory
@@ -178,3 +270,17 @@ def test_dpc_pass(measure, benchmark, device, dtype, case, op, impl):
     nbytes = B * N * 4 if op == "select_centers" else B * N * C * torch.finfo(dtype).bits // 8
     measure(fn, pool, impl=impl, case=name, role="setok" if impl in SETOK else "baseline", flops=flops,
             bytes=nbytes, shape=dict(B=B, N=N, C=C, k=k, dtype=str(dtype)[6:]))
+
+
+def _print_models() -> None:
+    for name, B, N, C, k, _ in CUDA_CASES + CPU_CASES:
+        M = 64  # centres assigned to (the model's assignment pass grows with them)
+        model = h200_model(B, N, C, k, M)
+        print(f"{name} (bf16, k={k}, {M} centres): ESTIMATE {model['total_s'] * 1e3:.3f} ms on an H200 (not measured)")
+        for kernel, v in model["kernels"].items():
+            print(f"  {kernel:18s} {v['config']:36s} {v['bytes'] / 1e6:9.2f} MB {v['flops'] / 1e9:9.1f} GFLOP "
+                  f"{v['time_s'] * 1e6:8.1f} us ({v['bound']})")
+
+
+if __name__ == "__main__":
+    _print_models()

@@ -346,7 +346,7 @@ def check_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=0, 
 
 
 def check_varlen_attention_backward(
-    dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=0, max_seqlen_k=0, scale=1.0
+    dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=0, max_seqlen_k=0, scale=1.0, dlse=None
 ) -> None:
     check_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale)
     for t, arg in ((dout, "dout"), (out, "out")):
@@ -354,10 +354,17 @@ def check_varlen_attention_backward(
         if t.shape != q.shape:
             raise ValueError(f"{arg} must have the shape of q {tuple(q.shape)}, got {tuple(t.shape)}")
         same_device(t, arg, q, "q")
-    floating(lse, "lse", "H, T")
-    if tuple(lse.shape) != (q.shape[1], q.shape[0]):
-        raise ValueError(f"lse must have shape (H, Tq) = {(q.shape[1], q.shape[0])}, got {tuple(lse.shape)}")
-    same_device(lse, "lse", q, "q")
+    _row_stats(lse, "lse", q)
+    if dlse is not None:
+        _row_stats(dlse, "dlse", q)
+
+
+def _row_stats(t, arg: str, q) -> None:
+    """A per-(head, query row) statistic such as the log-sum-exp: floating ``(H, Tq)``."""
+    floating(t, arg, "H, T")
+    if tuple(t.shape) != (q.shape[1], q.shape[0]):
+        raise ValueError(f"{arg} must have shape (H, Tq) = {(q.shape[1], q.shape[0])}, got {tuple(t.shape)}")
+    same_device(t, arg, q, "q")
 
 
 def check_pad_segments(x, cu_clusters, max_clusters) -> None:
@@ -395,15 +402,24 @@ def finite(x: torch.Tensor, arg: str = "x", mask_=None) -> None:
         raise ValueError(f"{arg} holds NaN or Inf (first at [image, token] {where})")
 
 
-def _offsets_ok(cu: torch.Tensor, total: int) -> bool:
+def _offsets_ok(cu: torch.Tensor, total: int, longest: Optional[int]) -> bool:
+    """One pass, one host read: starts at 0, non-decreasing, ends by ``total``, no segment over ``longest``."""
     if cu.numel() <= 64:  # a few values: reading them beats launching tensor ops
         c = cu.tolist()
-        return c[0] == 0 and c[-1] <= total and all(a <= b for a, b in zip(c, c[1:]))
-    return bool((cu[0] == 0) & (cu[-1] <= total) & (cu[1:] >= cu[:-1]).all())
+        steps = [b - a for a, b in zip(c, c[1:])]
+        return c[0] == 0 and c[-1] <= total and min(steps, default=0) >= 0 and (longest is None or max(steps, default=0) <= longest)
+    steps = cu[1:] - cu[:-1]
+    ok = (cu[0] == 0) & (cu[-1] <= total) & (steps >= 0).all()
+    if longest is not None:
+        ok &= (steps <= longest).all()
+    return bool(ok)
 
 
-def offsets_values(cu: torch.Tensor, arg: str, total: int, total_arg: str) -> None:
-    if _offsets_ok(cu, total):
+def offsets_values(
+    cu: torch.Tensor, arg: str, total: int, total_arg: str, longest: Optional[int] = None, longest_arg: str = ""
+) -> None:
+    """``cu`` addresses rows ``[0, total)`` of ``total_arg``; with ``longest``, no segment is longer."""
+    if _offsets_ok(cu, total, longest):
         return  # the diagnosis below only runs on bad input
     if int(cu[0]) != 0:
         raise ValueError(f"{arg} must start at 0, got {int(cu[0])}")
@@ -411,12 +427,8 @@ def offsets_values(cu: torch.Tensor, arg: str, total: int, total_arg: str) -> No
         raise ValueError(f"{arg} must be non-decreasing")
     if int(cu[-1]) > total:
         raise ValueError(f"{arg} ends at {int(cu[-1])}, past the end of {total_arg} ({total} rows)")
-
-
-def longest_values(cu: torch.Tensor, arg: str, max_seqlen: int, max_arg: str) -> None:
-    longest = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
-    if longest > max_seqlen:
-        raise ValueError(f"{max_arg} = {max_seqlen} is shorter than the longest segment of {arg} ({longest})")
+    seg = int((cu[1:] - cu[:-1]).max())
+    raise ValueError(f"{longest_arg} = {longest} is shorter than the longest segment of {arg} ({seg})")
 
 
 def labels_values(labels: torch.Tensor, num_clusters: torch.Tensor, M: int) -> None:
@@ -457,15 +469,13 @@ def segment_mean_backward_values(cu_seqlens, num_rows) -> None:
 
 
 def varlen_attention_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> None:
-    offsets_values(cu_seqlens_q, "cu_seqlens_q", q.shape[0], "q")
-    offsets_values(cu_seqlens_k, "cu_seqlens_k", k.shape[0], "k")
-    longest_values(cu_seqlens_q, "cu_seqlens_q", max_seqlen_q, "max_seqlen_q")
-    longest_values(cu_seqlens_k, "cu_seqlens_k", max_seqlen_k, "max_seqlen_k")
+    offsets_values(cu_seqlens_q, "cu_seqlens_q", q.shape[0], "q", max_seqlen_q, "max_seqlen_q")
+    if cu_seqlens_k is not cu_seqlens_q or k.shape[0] != q.shape[0] or max_seqlen_k < max_seqlen_q:
+        offsets_values(cu_seqlens_k, "cu_seqlens_k", k.shape[0], "k", max_seqlen_k, "max_seqlen_k")
 
 
 def pad_segments_values(x, cu_clusters, max_clusters) -> None:
-    offsets_values(cu_clusters, "cu_clusters", x.shape[0], "x")
-    longest_values(cu_clusters, "cu_clusters", max_clusters, "max_clusters")
+    offsets_values(cu_clusters, "cu_clusters", x.shape[0], "x", max_clusters, "max_clusters")
 
 
 # ----------------------------------------------------------------- merge_clusters (H5)

@@ -217,11 +217,29 @@ def _attention_cases() -> None:
                       max(lens), max(lens), scale)
 
 
+def _merge_cases() -> None:
+    """Cluster merging, forward and backward: with and without weights, and blended with the centres or not."""
+    B, N, M = 2, 64, 8
+    labels, num = torch.randint(0, M, (B, N)), torch.full((B,), M)
+    centers = torch.arange(M).repeat(B, 1)
+    for dtype in (*_DTYPES, torch.float64):  # float64 has no tensor-core path to lose here: supported on CUDA
+        for C in (1152, 100):
+            x = torch.randn(B, N, C).to(dtype)
+            for weight in (None, torch.rand(B, N)):
+                for blend in (None, torch.full((B, M), 0.5)):
+                    centres = None if blend is None else centers
+                    extra = dict(B=B, N=N, C=C, M=M, blend=blend is not None)
+                    _call("merge_clusters", dtype, extra, x, labels, num, M, weight, 1e-6, centres, blend)
+                    _call("merge_clusters_backward", dtype, extra, torch.randn(B, M, C).to(dtype), torch.randn(B, M),
+                          x, labels, num, weight, 1e-6, centres, blend)
+
+
 def record_launches() -> list[Launch]:
     """Every Triton launch the backends make over the case grid (nothing runs)."""
     launches: list[Launch] = []
     with _recording(launches), torch.no_grad():
         _dpc_cases()
+        _merge_cases()
         _attention_cases()
     return launches
 

@@ -267,10 +267,14 @@ def _assign_to_centers(x, centers, num_clusters, mask, metric):
         inv = torch.where(norm > 0, 1 / torch.where(norm > 0, norm, 1), 0)  # a zero vector: similarity 0
         inv_c = torch.gather(inv, 1, safe)
     labels = torch.empty(B, N, dtype=torch.int64, device=x.device)
-    for r0, r1 in _row_blocks(B, N, M):
+    for r0, r1 in _row_blocks(B, N, M * (xs.shape[2] if metric == "cosine" else 1)):
         # first extremum: the earlier centre on ties
         if metric == "cosine":
-            sim = torch.einsum("brc,bmc->brm", xs[:, r0:r1], cx) * inv[:, r0:r1, None] * inv_c[:, None, :]
+            # one elementwise reduction per pair, not a GEMM whose blocking
+            # rounds columns differently: a centre that is a power-of-two
+            # multiple of an earlier one then ties exactly, and loses
+            dot = (xs[:, r0:r1, None, :] * cx[:, None, :, :]).sum(-1)
+            sim = dot * inv[:, r0:r1, None] * inv_c[:, None, :]
             labels[:, r0:r1] = sim.masked_fill(~slot_ok[:, None, :], -math.inf).argmax(-1)
         else:
             d = _dist(xs[:, r0:r1], cx, s).masked_fill(~slot_ok[:, None, :], math.inf)
@@ -554,8 +558,9 @@ def _varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale):
     out = torch.zeros(Tq + 1, H, D, dtype=acc, device=q.device)
     lse = torch.full((Tq + 1, H), -math.inf, dtype=acc, device=q.device)
     if cu_q.numel() >= 2 and Tq > 0 and k.shape[0] > 0:
+        # offsets clamped to the buffers: bad offsets (validation off on CUDA) never index out of bounds
+        cu_q, cu_k = _clamped_offsets(cu_q, Tq), _clamped_offsets(cu_k, k.shape[0])
         lq, lk, groups = _attention_buckets(cu_q, cu_k)
-        cu_q, cu_k = cu_q.to(torch.int64), cu_k.to(torch.int64)
         q, k, v = q.to(acc), k.to(acc), v.to(acc)
         for segs, wq, wk in groups:
             qi, q_real = _padded_rows(cu_q[segs], lq[segs], wq)
@@ -582,8 +587,8 @@ def _varlen_attention_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q,
     dk = torch.zeros((Tk + 1,) + k.shape[1:], dtype=acc, device=q.device)
     dv = torch.zeros((Tk + 1,) + v.shape[1:], dtype=acc, device=q.device)
     if cu_q.numel() >= 2 and Tq > 0 and Tk > 0:
+        cu_q, cu_k = _clamped_offsets(cu_q, Tq), _clamped_offsets(cu_k, Tk)
         lq, lk, groups = _attention_buckets(cu_q, cu_k)
-        cu_q, cu_k = cu_q.to(torch.int64), cu_k.to(torch.int64)
         q, k, v, dout = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
         delta = (dout * out.to(acc)).sum(-1)  # (Tq, H)
         if dlse is not None:

@@ -25,7 +25,8 @@ nothing goes through global memory but q, k, v, dO in and O, dq, dk, dv out.
 
 Head dims: resident accumulators up to BLOCK_D, chunked beyond
 --------------------------------------------------------------
-When the head dim fits one ``BLOCK_D`` chunk (up to 256 in 16-bit), the
+When the head dim fits one ``BLOCK_D`` chunk (in 16-bit: up to 256 in the
+forward, 64 in the backward, as far as registers go without spilling), the
 output accumulator (and dq, or dk and dv) stays in registers across walk
 blocks: flash-attention proper. A (64, 2048) fp32 accumulator fits nowhere on
 chip, so for larger head dims scores are accumulated over ``BLOCK_D`` chunks
@@ -36,6 +37,8 @@ a workspace: the fp32 output itself, or rows of a workspace that belong to
 that program alone, ordered by a CTA barrier after each block (its threads
 read back what other threads of the same program wrote). No workspace is
 shared between programs and nothing is accumulated atomically: deterministic.
+Head dims that are not a multiple of 16 are zero-padded to one first (a copy):
+unaligned rows spill registers in every configuration.
 
 The walk is a ``while`` loop because its trip count is computed in the kernel:
 triton 3.6's interpreter holds such scalars as one-element arrays, which it
@@ -185,6 +188,24 @@ if triton is not None:
         tl.store(row_ptrs[:, None] + d[None, :], value.to(row_ptrs.dtype.element_ty), mask=ok[:, None] & (d[None, :] < HEAD_DIM))
 
     @triton.jit
+    def _finite_rows(x):
+        """``x`` with its non-finite values zeroed, and per row 1 where it had one.
+        For a dot operand whose rows are the axis the dot sums over: those rows
+        pair with rows of other segments at weight 0, and ``0 * NaN`` is NaN."""
+        finite = tl.abs(x) < float("inf")
+        return tl.where(finite, x, 0.0), tl.max(tl.where(finite, 0, 1), axis=1)
+
+    @triton.jit
+    def _poison(x, own, bad):
+        """``x`` with NaN in the rows that own (``own``: rows x partners) a partner
+        flagged in ``bad`` by _finite_rows: their own segment's input was not
+        finite, so their result must not be, though the zeroed operand is."""
+        if tl.max(bad, axis=0) > 0:  # rare: the tile reduction only then
+            hit = tl.max(tl.where(own, bad[None, :], 0), axis=1)
+            x = tl.where(hit[:, None] > 0, float("nan"), x)
+        return x
+
+    @triton.jit
     def _segment_of(cu_ptr, rows, S, SEARCH_STEPS: tl.constexpr):
         """Per row, the s in [0, S] with cu[s] <= row < cu[s + 1] (S past the end), by
         binary search. The bound is a constexpr: a loop bounded by a kernel argument
@@ -291,22 +312,24 @@ if triton is not None:
             l = l * carry + tl.sum(p, axis=1)
             m = m_new
             if HEAD_DIM <= BLOCK_D:
-                vc = _chunk(v_rows, col_ok, 0, HEAD_DIM, BLOCK_D)
+                vc, v_bad = _finite_rows(_chunk(v_rows, col_ok, 0, HEAD_DIM, BLOCK_D))
+                acc = _poison(acc, own, v_bad)  # before the dot: own dies here
                 acc = acc * carry[:, None] + _dot(p.to(vc.dtype), vc, PRECISION)
             else:
-                inv_l = 1.0 / tl.where(l > 0, l, 1.0)  # rows without keys have a zero sum
+                inv_l = 1.0 / tl.where(l == 0, 1.0, l)  # rows without keys have a zero sum
                 for d0 in range(0, HEAD_DIM, BLOCK_D):
-                    vc = _chunk(v_rows, col_ok, d0, HEAD_DIM, BLOCK_D)
-                    part = _dot(p.to(vc.dtype), vc, PRECISION)
+                    vc, v_bad = _finite_rows(_chunk(v_rows, col_ok, d0, HEAD_DIM, BLOCK_D))
+                    part = _poison(_dot(p.to(vc.dtype), vc, PRECISION), own, v_bad)
                     _accumulate(part, carry[:, None], w_rows, row_ok, o_rows, d0, blk, n_blocks, inv_l[:, None], HEAD_DIM, BLOCK_D)
                 tl.debug_barrier()  # the next block reads back this block's workspace rows
             blk += 1
         if HEAD_DIM <= BLOCK_D:
-            _put(o_rows, row_ok, 0, acc / tl.where(l > 0, l, 1.0)[:, None], HEAD_DIM, BLOCK_D)
+            _put(o_rows, row_ok, 0, acc / tl.where(l == 0, 1.0, l)[:, None], HEAD_DIM, BLOCK_D)
         elif n_blocks == 0:
             for d0 in range(0, HEAD_DIM, BLOCK_D):
                 _put(o_rows, row_ok, d0, tl.zeros((BLOCK_M, BLOCK_D), ACC), HEAD_DIM, BLOCK_D)
-        lse = tl.where(l > 0, (m + tl.log2(tl.where(l > 0, l, 1.0))) / _LOG2E_T, float("-inf"))
+        # a NaN sum (a non-finite score of the row's own segment) gives NaN, not -inf
+        lse = tl.where(l == 0, float("-inf"), (m + tl.log2(tl.where(l == 0, 1.0, l))) / _LOG2E_T)
         tl.store(Lse + h * Tq + rows, lse, mask=row_ok)
 
     @triton.jit
@@ -376,20 +399,21 @@ if triton is not None:
             k_rows = K + cols64 * stride_kt + h * stride_kh
             v_rows = V + cols64 * stride_vt + h * stride_vh
             if HEAD_DIM <= BLOCK_D:
-                kc = _chunk(k_rows, col_ok, 0, HEAD_DIM, BLOCK_D)
+                kc, k_bad = _finite_rows(_chunk(k_rows, col_ok, 0, HEAD_DIM, BLOCK_D))
                 s = _dot(q, tl.trans(kc), PRECISION)
                 dp = _dot(do, tl.trans(_chunk(v_rows, col_ok, 0, HEAD_DIM, BLOCK_D)), PRECISION)
             else:
                 s, dp = _products(q_rows, row_ok, k_rows, col_ok, do_rows, row_ok, v_rows, col_ok, True, HEAD_DIM, BLOCK_D, ACC, PRECISION)
             own = (cols[None, :] >= kb[:, None]) & (cols[None, :] < ke[:, None])
-            p = tl.where(own, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
-            ds = p * (dp - delta[:, None]) * scale
+            # masked after the product: other segments' scores and dP may be non-finite
+            ds = tl.where(own, tl.exp2(s * qk_scale - lse2[:, None]) * (dp - delta[:, None]), 0.0) * scale
             if HEAD_DIM <= BLOCK_D:
+                acc = _poison(acc, own, k_bad)  # before the dot: own dies here
                 acc += _dot(ds.to(kc.dtype), kc, PRECISION)
             else:
                 for d0 in range(0, HEAD_DIM, BLOCK_D):
-                    kc = _chunk(k_rows, col_ok, d0, HEAD_DIM, BLOCK_D)
-                    part = _dot(ds.to(kc.dtype), kc, PRECISION)
+                    kc, k_bad = _finite_rows(_chunk(k_rows, col_ok, d0, HEAD_DIM, BLOCK_D))
+                    part = _poison(_dot(ds.to(kc.dtype), kc, PRECISION), own, k_bad)
                     _accumulate(part, 1.0, w_rows, row_ok, g_rows, d0, blk, n_blocks, 1.0, HEAD_DIM, BLOCK_D)
                 tl.debug_barrier()  # the next block reads back this block's workspace rows
             blk += 1
@@ -438,26 +462,37 @@ if triton is not None:
             q_rows = Q + rows64 * stride_qt + h * stride_qh
             do_rows = DOut + rows64 * stride_dt + h * stride_dh
             lse2, delta = _row_stats(Lse, Delta, h, rows, Tq)
+            # the walked query rows are the dots' shared axis (see _finite_rows): q, dO
+            # and delta (non-finite with O) are zeroed there and flag their owners
+            delta_ok = tl.abs(delta) < float("inf")
+            delta = tl.where(delta_ok, delta, 0.0)
+            delta_bad = tl.where(delta_ok, 0, 1)
             if HEAD_DIM <= BLOCK_D:
-                qc = _chunk(q_rows, row_ok, 0, HEAD_DIM, BLOCK_D)
-                doc = _chunk(do_rows, row_ok, 0, HEAD_DIM, BLOCK_D)
+                qc, q_bad = _finite_rows(_chunk(q_rows, row_ok, 0, HEAD_DIM, BLOCK_D))
+                doc, do_bad = _finite_rows(_chunk(do_rows, row_ok, 0, HEAD_DIM, BLOCK_D))
                 st = _dot(k, tl.trans(qc), PRECISION)
                 dpt = _dot(v, tl.trans(doc), PRECISION)
             else:
                 st, dpt = _products(k_rows, col_ok, q_rows, row_ok, v_rows, col_ok, do_rows, row_ok, True, HEAD_DIM, BLOCK_D, ACC, PRECISION)
             own = (rows[None, :] >= qb[:, None]) & (rows[None, :] < qe[:, None])
             pt = tl.where(own, tl.exp2(st * qk_scale - lse2[None, :]), 0.0)
-            dst = pt * (dpt - delta[None, :]) * scale
             if HEAD_DIM <= BLOCK_D:
+                dst = pt * (dpt - delta[None, :]) * scale
+                bad = tl.maximum(tl.maximum(q_bad, do_bad), delta_bad)
+                dv = _poison(dv, own, bad)  # before the dots: own dies here
+                dk = _poison(dk, own, bad)
                 dv += _dot(pt.to(doc.dtype), doc, PRECISION)
                 dk += _dot(dst.to(qc.dtype), qc, PRECISION)
             else:
+                # dP from the raw chunks: other segments' dO rows may be non-finite
+                dst = tl.where(own, pt * (dpt - delta[None, :]), 0.0) * scale
                 for d0 in range(0, HEAD_DIM, BLOCK_D):
-                    qc = _chunk(q_rows, row_ok, d0, HEAD_DIM, BLOCK_D)
-                    doc = _chunk(do_rows, row_ok, d0, HEAD_DIM, BLOCK_D)
-                    dv_part = _dot(pt.to(doc.dtype), doc, PRECISION)
+                    qc, q_bad = _finite_rows(_chunk(q_rows, row_ok, d0, HEAD_DIM, BLOCK_D))
+                    doc, do_bad = _finite_rows(_chunk(do_rows, row_ok, d0, HEAD_DIM, BLOCK_D))
+                    bad = tl.maximum(tl.maximum(q_bad, do_bad), delta_bad)
+                    dv_part = _poison(_dot(pt.to(doc.dtype), doc, PRECISION), own, bad)
                     _accumulate(dv_part, 1.0, wv_rows, col_ok, gv_rows, d0, blk, n_blocks, 1.0, HEAD_DIM, BLOCK_D)
-                    dk_part = _dot(dst.to(qc.dtype), qc, PRECISION)
+                    dk_part = _poison(_dot(dst.to(qc.dtype), qc, PRECISION), own, bad)
                     _accumulate(dk_part, 1.0, wk_rows, col_ok, gk_rows, d0, blk, n_blocks, 1.0, HEAD_DIM, BLOCK_D)
                 tl.debug_barrier()  # the next block reads back this block's workspace rows
             blk += 1

@@ -64,10 +64,10 @@ spread apart) they drown. Each of the three passes therefore runs twice
   the runner-up denser token is within ``2 * err_i`` of the nearest (exact
   ties included); label: the runner-up centre is within ``2 * err_i`` (cosine:
   ``2 * SNAP``); a centre's own label is always certain.
-- the EXACT launch (same kernel, constexpr ``EXACT``, 32 x 32 x 8 tiles on
-  CUDA cores): each program reads its rows' flags on the device and exits
-  unless one is set; otherwise it recomputes those rows against every column
-  from differences (``_exact_tile``: fp32 FMAs, cosine from elementwise
+- the EXACT launch (same kernel, constexpr ``EXACT``, 16 x 32 x 4 tiles on
+  CUDA cores, no spills for sm_90): each program reads its rows' flags on
+  the device and exits unless one is set; otherwise it recomputes those rows
+  against every column from differences (``_exact_tile``: fp32 FMAs, cosine from elementwise
   products) and overwrites only them. Well-conditioned images pay one
   near-empty launch per pass; a flagged row costs ~N * C FMAs on CUDA cores.
 Rows are certified against SNAP, an estimate of tf32x3's error, not a proof
@@ -98,8 +98,8 @@ features to 16 bits; splitting them into two 16-bit halves, three bf16 dots,
 would halve the tf32x3 cost at ~2^-16 relative error: not done.) The k-list
 updates (min/max reductions on CUDA cores) are extra work outside this
 floor, as are certification's three near-empty EXACT launches (launch
-latency) and a runner-up reduction per tile. Block sizes below are fixed choices for H100 (64 x 64 tiles, 32-wide
-C chunks), not tuned on hardware.
+latency) and a runner-up reduction per tile. Block sizes below are fixed
+choices for H100 (64 x 64 tiles, 32-wide C chunks), not tuned on hardware.
 """
 
 from __future__ import annotations
@@ -196,13 +196,14 @@ def _sq_dist_tile(
     the way the reference's do. EXACT: from differences (``_exact_tile``).
     """
     if EXACT:
-        return _exact_tile(x_img, inv_s, rows, cols, row_ok, col_ok, stride_n, stride_c, C,
-                           BLOCK_M, BLOCK_N, BLOCK_C, False) * inv_c
-    acc = _dot_tile(x_img, shift_img, inv_s, rows, cols, row_ok, col_ok, stride_n, stride_c, C,
-                    BLOCK_M, BLOCK_N, BLOCK_C, PRECISION)
-    total = nrm_r[:, None] + nrm_c[None, :]
-    d2 = total - 2.0 * acc
-    d2 = tl.where((d2 <= SNAP * total) | (rows[:, None] == cols[None, :]), 0.0, d2)
+        d2 = _exact_tile(x_img, inv_s, rows, cols, row_ok, col_ok, stride_n, stride_c, C,
+                         BLOCK_M, BLOCK_N, BLOCK_C, False)
+    else:
+        acc = _dot_tile(x_img, shift_img, inv_s, rows, cols, row_ok, col_ok, stride_n, stride_c, C,
+                        BLOCK_M, BLOCK_N, BLOCK_C, PRECISION)
+        total = nrm_r[:, None] + nrm_c[None, :]
+        d2 = total - 2.0 * acc
+        d2 = tl.where((d2 <= SNAP * total) | (rows[:, None] == cols[None, :]), 0.0, d2)
     return d2 * inv_c
 
 
@@ -609,15 +610,16 @@ def _config() -> dict:
 
 
 def _exact_config() -> dict:
-    """The certified (EXACT) launch: 32 x 32 x 8 difference tiles on CUDA cores; most programs exit at once."""
-    return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_C=8, PRECISION="tf32x3", num_warps=4, num_stages=1)
+    """The certified (EXACT) launch: 16 x 32 x 4 difference tiles on CUDA cores (32 rows or 8 channels
+    spill a few bytes for sm_90); most programs exit at once."""
+    return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_C=4, PRECISION="tf32x3", num_warps=4, num_stages=1)
 
 
 def _twice(kernel, B: int, N: int, args: tuple, **kw) -> None:
     """The norm-trick launch (writes every row, flags in ``unsure`` the rows it cannot certify), then
     the EXACT launch, whose programs redo the flagged rows of their block (read on the device) or exit."""
     for exact, cfg in ((False, _config()), (True, _exact_config())):
-        if kw.get("K_PAD", 0) > 64:  # the k-list shares registers with the tile: half the rows (else spills)
+        if kw.get("K_PAD", 0) > 64 and not exact:  # the k-list shares registers with the tile: half the rows
             cfg["BLOCK_M"] //= 2
         kernel[_grid(N, B, cfg["BLOCK_M"])](*args, EXACT=exact, **kw, **cfg)
 

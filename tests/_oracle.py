@@ -95,7 +95,9 @@ def assign_one_image(x, centers, metric="euclidean"):
     if metric == "cosine":
         norm = x.norm(dim=-1)
         unit = x / torch.where(norm > 0, norm, 1)[:, None]
-        score = -(unit @ unit[centers].T)  # nearest = largest similarity
+        # nearest = largest similarity; one elementwise sum per pair (a GEMM
+        # may round columns differently and split exact ties)
+        score = -(unit[:, None, :] * unit[centers][None, :, :]).sum(-1)
     else:
         score = ((x[:, None, :] - x[centers][None, :, :]) ** 2).sum(-1)
     labels = torch.tensor([min(range(len(centers)), key=lambda m: (float(score[i, m]), m)) for i in range(x.shape[0])])

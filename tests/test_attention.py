@@ -258,7 +258,32 @@ def test_triton_malformed_offsets_stay_in_bounds(device):
     assert all(torch.isfinite(g).all() for g in grads)
 
 
-def test_opcheck(device):
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("D", [16, 80])  # 80: the chunked head-dim path in the interpreter (64 + a 16-wide tail)
+@pytest.mark.parametrize("poisoned", ["q", "k", "v", "dout"])
+def test_triton_non_finite_values_stay_in_their_segment(device, poisoned, D, dtype):
+    """SPEC: NaN or Inf in one image must not change the other images' results. The
+    segments share packed tiles and their dots (0 * NaN = NaN), yet every other
+    segment's out, lse, dq, dk and dv is bit-identical to the clean run's; the
+    poisoned segment's results are not all finite."""
+    lens = [5, 3, 7]  # one tile; the poisoned segment [5, 8) has neighbours on both sides
+    q, k, v, cu, _ = make_case(lens, lens, H=2, D=D, device=device)
+    inputs = dict(q=q, k=k, v=v, dout=torch.randn_like(q))
+    dlse = torch.randn(2, q.shape[0], device=device)
+    # fresh leaves per run: run() makes float32 inputs themselves require grad
+    attend = lambda: run("triton", *(inputs[n].clone() for n in "qkv"), cu, cu, dtype, inputs["dout"], dlse, self_attention=True)  # noqa: E731
+    clean = attend()
+    inputs[poisoned] = inputs[poisoned].clone()
+    inputs[poisoned][6, 0, 1] = math.nan
+    inputs[poisoned][7, 1, D - 1] = math.inf
+    dirty = attend()
+    inside = torch.zeros(q.shape[0], dtype=torch.bool, device=device)
+    inside[5:8] = True
+    for name, c, d in zip(("out", "lse", "dq", "dk", "dv"), clean, dirty):
+        rows = (lambda t: t.transpose(0, 1)) if name == "lse" else (lambda t: t)
+        assert torch.equal(rows(c)[~inside], rows(d)[~inside]), f"{name} of the other segments changed"
+    assert not all(torch.isfinite(t[inside]).all() for t in (dirty[0], *dirty[2:])), "the poison vanished"
     q, k, v, cu_q, cu_k = make_case([3, 0, 5], [2, 4, 1], H=2, D=16, device=device)
     for backend in ("reference", "triton", "torch"):
         args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), cu_q, cu_k, 8, 8, 0.3, backend)

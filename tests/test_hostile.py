@@ -119,8 +119,7 @@ def test_bad_offsets_are_refused_on_cpu_even_with_validation_off():
                 case(f"unpad_segments {what} {dtype}", lambda: sk.unpad_segments(
                     torch.zeros(cu.numel() - 1, 4, 3), torch.ones(cu.numel() - 1, 4, dtype=torch.bool), cu, 4, validate=False))
     """)
-    unavailable = [n for n, r in results.items() if r["error"] == "BackendUnavailableError"]
-    assert not unavailable, unavailable
+    # refused before any backend is chosen: a backend missing here would not change the error
     _refused(results, r"cu_(seqlens|seqlens_q|seqlens_k|clusters) (ends at \d+, past the end|must be non-decreasing|must start at 0)")
 
 
@@ -156,6 +155,8 @@ def test_kernels_clamp_the_offsets_they_are_handed():
             case(f"reference unpad_segments {offsets}", lambda: shapes(R.unpad_segments(padded, key_mask, cu, 5)) == [[5, 3]])
     """)
     for name, r in results.items():
+        if name.startswith("native") and r["error"] == "NotImplementedError":
+            continue  # the library is not built here
         assert r["error"] is None and r["value"] is True, f"{name}: {r}"
 
 
@@ -235,7 +236,7 @@ def test_custom_ops_check_their_arguments_whoever_calls_them():
     }
     for name, r in results.items():
         if name.startswith("native_"):
-            if r["error"] == "AttributeError":  # the library is not built here
+            if r["error"] == "NotImplementedError":  # the library is not built here: no kernel to call
                 continue
             assert r["kind"] == "RuntimeError" and re.search(r"setok: (mask|num_clusters|cu_seqlens) ", r["message"]), (name, r)
             continue
@@ -274,7 +275,7 @@ def test_pack_clusters_gives_the_same_answer_or_error_on_every_backend():
     want = R._pack_clusters(labels, num, 6)
     valid = torch.where((labels >= 0) & (labels < num[:, None]), labels, -1)
     assert all(torch.equal(a, b) for a, b in zip(want, R._pack_clusters(valid, num, 6)))
-    if hasattr(OPS, "native_pack_clusters"):
+    if sk._native.build_info()["loaded"]:
         got = OPS.native_pack_clusters(labels, num, 6)
         assert all(torch.equal(a, b) for a, b in zip(got, want))
 
@@ -301,7 +302,7 @@ def test_impossible_sizes_are_refused_before_allocating():
     """)
     for name, r in results.items():
         if name.startswith("native_"):
-            assert r["kind"] in ("RuntimeError", "AttributeError") and "2^31 - 1" in r.get("message", "2^31 - 1"), (name, r)
+            assert r["error"] == "NotImplementedError" or (r["kind"] == "RuntimeError" and "2^31 - 1" in r["message"]), (name, r)
         else:
             assert r.get("kind") == "ValueError" and re.search(r"(max_clusters|centers\.shape\[1\]) = 1099511627776 gives", r["message"]), (name, r)
 

@@ -42,14 +42,18 @@ start=$SECONDS
 env -u CUDA_HOME -u CUDA_PATH LD_LIBRARY_PATH="$home/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
     SETOK_CUDA_ARCH_LIST=9.0 MAX_JOBS="${MAX_JOBS:-2}" \
     "$venv/bin/python" -m pip install -q --no-build-isolation --no-deps --no-index -e . >&2
-LD_LIBRARY_PATH="$home/lib64" "$venv/bin/python" -c '
-import json, sys, torch
+LD_LIBRARY_PATH="$home/lib64" "$venv/bin/python" - <<'EOF'
+import json
+
+import torch
+
 from setok_kernels import _native, info
+
 native, build = _native.build_info(), info._build_record()
 print(json.dumps(build, indent=1))
 assert native["loaded"] and native["with_cuda"], native
-cuda_ops = sorted(op for op, devices in native["ops"].items() if "cuda" in devices)
-print(f"cuda_build_check: torch {torch.__version__}: built {build[\"parts\"]} with CUDA_HOME unset "
-      f"(toolkit {build[\"cuda_home\"]}, {build[\"cuda_home_source\"]}); CUDA ops: {\", \".join(cuda_ops)}")
-'
+cuda_ops = ", ".join(sorted(op for op, devices in native["ops"].items() if "cuda" in devices))
+print(f"cuda_build_check: torch {torch.__version__}: built {build['parts']} with CUDA_HOME unset "
+      f"(toolkit {build['cuda_home']}: {build['cuda_home_source']}); CUDA ops: {cuda_ops}")
+EOF
 echo "cuda_build_check: build and check in $((SECONDS - start)) s"

@@ -11,7 +11,8 @@
 // the BLAS or the thread count. Memory per image is one row block plus O(N)
 // per thread; when the whole N x N block fits, it is computed once (from the
 // upper triangle when there are many channels) and shared by the density,
-// delta and assignment passes.
+// delta and assignment passes, and with many channels a second N x N table
+// keeps the exact distances so that each pair's is computed once.
 //
 // Features of extreme magnitude are scaled by a power of two per image (see
 // image_scale), and delta follows SeTok's column-max rule, capped for every
@@ -724,6 +725,28 @@ void for_each_image(int64_t B, const F& fn) {
   }
 }
 
+// The largest finite |x| of n values, as its bit pattern (NaN and inf have
+// no scale): an integer max, which vectorizes where a float one does not.
+template <typename T>
+__attribute__((always_inline)) inline bits_t<T> max_finite_abs_impl(const T* x, int64_t n) {
+  using U = bits_t<T>;
+  const U magnitude = ~U(0) >> 1, inf = to_bits(std::numeric_limits<T>::infinity());
+  U top = 0;
+  for (int64_t c = 0; c < n; ++c) {
+    const U a = to_bits(x[c]) & magnitude;
+    top = std::max(top, a & (U(0) - U(a < inf)));  // a mask, not a select: GCC vectorizes only that
+  }
+  return top;
+}
+
+SETOK_SIMD_CLONES uint32_t max_finite_abs(const float* x, int64_t n) {
+  return max_finite_abs_impl(x, n);
+}
+
+SETOK_SIMD_CLONES uint64_t max_finite_abs(const double* x, int64_t n) {
+  return max_finite_abs_impl(x, n);
+}
+
 // Per-image power of two that brings features of extreme magnitude near 1,
 // so that squared distances neither overflow nor underflow (it cancels
 // exactly in every comparison); 1 for everything else, keeping results bit
@@ -731,14 +754,11 @@ void for_each_image(int64_t B, const F& fn) {
 // underflows, so any such scale gives the reference's results).
 template <typename T>
 T image_scale(const T* x, const bool* valid, int64_t N, int64_t C) {
-  T top = 0;
+  bits_t<T> top_bits = 0;
   for (int64_t i = 0; i < N; ++i) {
-    if (!valid[i]) continue;
-    for (int64_t c = 0; c < C; ++c) {
-      const T a = std::abs(x[i * C + c]);
-      top = std::max(top, a <= std::numeric_limits<T>::max() ? a : T(0));  // NaN and inf have no scale
-    }
+    if (valid[i]) top_bits = std::max(top_bits, max_finite_abs(x + i * C, C));
   }
+  const T top = from_bits<T>(top_bits);
   if (top == 0 || (top >= std::ldexp(T(1), -32) && top <= std::ldexp(T(1), 32))) return T(1);
   int e;
   std::frexp(top, &e);  // top = m 2^e, m in [0.5, 1): top / 2^(e - 1) lies in [1, 2)
