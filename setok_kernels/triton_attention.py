@@ -52,6 +52,20 @@ preprocessing kernel (dlse is the gradient of the returned lse:
 ``d lse_i / d s_ij = P_ij``, so ``dS = P * (dP - delta)`` covers both). Then
 one kernel writes dq (q tiles) and one writes dk, dv (key tiles).
 
+Non-finite inputs stay in their segment (SPEC: NaN or Inf in one image must
+not change the others' results). A packed tile's dots sum over rows of
+several segments, and a foreign pair's zero weight does not mask a
+non-finite value: ``0 * NaN`` is NaN. So each operand whose rows are a dot's
+summed axis (v for O; k for dq; q, dO and delta for dk and dv) has its
+non-finite values zeroed as it is loaded, the weights (P, dS) of the pairs
+that own such a row are made NaN instead, and scores and dP are masked after
+their products: a few elementwise ops per tile, no extra pass over memory.
+Other segments' results are bit-identical to a run without the non-finite
+values. The poisoned segment's results are not all finite, but their pattern
+is not the reference's: NaN rather than Inf, over the whole head dim of a row
+(a ``BLOCK_D`` chunk of it for v on the chunked path) rather than one
+dimension; the lse stays finite where the reference's does.
+
 Precision: ``lse (H, Tq)``, every statistic and accumulator in float32 for
 16-bit and float32 inputs and in float64 for float64 (CPU interpreter only);
 natural log, ``-inf`` for a row without keys (output 0, zero gradients).
@@ -89,10 +103,13 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) per kernel and (dtype class,
 # head-dim bucket: D <= 64, 128, 256, larger); triton.autotune picks among them
 # on the GPU, keyed on the head dim, the matmul precision and the dtypes.
-# Speed UNMEASURED ON GPU; every entry compiles for sm_90 (triton 3.9, ptxas)
-# with no register spill, 16-bit ones with HGMMA; registers per thread in the
-# comments. Candidates that spilled were dropped (e.g. a resident 128-wide dq or
-# dk/dv accumulator, 64x64 tiles with 4 warps at D >= 256). The reasons:
+# Every entry compiles for sm_90 with no register spill (the compile proof,
+# `python -m setok_kernels.info --compile sm_90`), 16-bit ones with HGMMA;
+# registers per thread in the comments, as counted before the non-finite
+# isolation (module doc), which costs up to ~20 more. Candidates that spilled
+# were dropped (a resident 128-wide dq or dk/dv accumulator, 64x64 tiles with
+# 4 warps at D >= 256, and after the isolation the 64x128 fwd/dq tiles and the
+# 64-wide dk/dv chunks at D <= 128). The reasons:
 # - BLOCK_M (query rows per tile) is 64 or 128 in 16-bit: sm_90's wgmma works on
 #   64-row warpgroup tiles, and a 32-row tile compiles to mma.sync.
 # - the walk block (BLOCK_N in fwd/dq, BLOCK_M in dk/dv) is twice the own block
@@ -104,21 +121,21 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # - fp32 runs IEEE FMA dots (no tensor cores, so no 64-row constraint) whose
 #   operands live in registers: 16-32-wide chunks.
 _F16_FWD = {
-    64: [(64, 128, 64, 4, 2), (128, 128, 64, 8, 2), (64, 64, 64, 4, 2)],  # 240, 234, 158
-    128: [(64, 128, 128, 8, 2), (64, 64, 128, 4, 2)],  # 252, 228
+    64: [(128, 128, 64, 8, 2), (64, 64, 64, 4, 2)],  # 234, 158
+    128: [(64, 64, 128, 4, 2)],  # 228
     256: [(64, 64, 256, 8, 1), (64, 128, 128, 8, 2), (64, 128, 64, 8, 2)],  # 254, 236, 218
     512: [(64, 128, 64, 8, 2), (64, 128, 128, 8, 2)],  # 216, 250
 }
 _F16_DQ = {
-    64: [(64, 128, 64, 4, 2), (128, 128, 64, 8, 2), (64, 64, 64, 4, 2)],  # 227, 209, 168
+    64: [(128, 128, 64, 8, 2), (64, 64, 64, 4, 2)],  # 209, 168
     128: [(64, 128, 64, 8, 2), (64, 64, 64, 4, 2)],  # 228, 232
     256: [(64, 128, 64, 8, 2), (64, 64, 128, 8, 2)],  # 234, 224
     512: [(64, 128, 64, 8, 2), (64, 64, 64, 8, 2)],  # 232, 180
 }
 # dk/dv: BLOCK_N keys own, BLOCK_M query rows walked; two accumulators.
 _F16_DKDV = {
-    64: [(64, 64, 64, 4, 2), (128, 64, 32, 8, 2)],  # 222, -
-    128: [(128, 64, 64, 8, 2), (128, 64, 32, 8, 2)],  # 246, 238
+    64: [(128, 64, 32, 8, 2)],
+    128: [(128, 64, 32, 8, 2)],  # 238
     256: [(128, 64, 32, 8, 2), (64, 64, 64, 8, 2)],  # 238, 230
     512: [(128, 64, 32, 8, 2), (64, 64, 64, 8, 2), (64, 64, 32, 4, 2)],  # 236, 225, 238
 }
@@ -190,20 +207,16 @@ if triton is not None:
     @triton.jit
     def _finite_rows(x):
         """``x`` with its non-finite values zeroed, and per row 1 where it had one.
-        For a dot operand whose rows are the axis the dot sums over: those rows
-        pair with rows of other segments at weight 0, and ``0 * NaN`` is NaN."""
+        For a dot operand whose rows are the axis the dot sums over: they pair
+        with other segments' rows at weight 0, and ``0 * NaN`` is NaN. The flag
+        makes the weights of the row's own pairs NaN instead."""
         finite = tl.abs(x) < float("inf")
         return tl.where(finite, x, 0.0), tl.max(tl.where(finite, 0, 1), axis=1)
 
     @triton.jit
-    def _poison(x, own, bad):
-        """``x`` with NaN in the rows that own (``own``: rows x partners) a partner
-        flagged in ``bad`` by _finite_rows: their own segment's input was not
-        finite, so their result must not be, though the zeroed operand is."""
-        if tl.max(bad, axis=0) > 0:  # rare: the tile reduction only then
-            hit = tl.max(tl.where(own, bad[None, :], 0), axis=1)
-            x = tl.where(hit[:, None] > 0, float("nan"), x)
-        return x
+    def _nan_if(flag):
+        """NaN where ``flag`` (of _finite_rows) is set, else 0: added to a weight."""
+        return tl.where(flag > 0, float("nan"), 0.0)
 
     @triton.jit
     def _segment_of(cu_ptr, rows, S, SEARCH_STEPS: tl.constexpr):
@@ -258,14 +271,21 @@ if triton is not None:
     @triton.jit
     def _products(a_rows, a_ok, b_rows, b_ok, c_rows, c_ok, e_rows, e_ok,
                   TWO: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
-        """``a @ b^T`` (and ``c @ e^T`` when TWO) over the head dim, chunk by chunk."""
+        """``a @ b^T`` (and ``c @ e^T`` when TWO) over the head dim, chunk by chunk, and
+        the _finite_rows flags of b's (and e's) rows."""
         x = tl.zeros((a_rows.shape[0], b_rows.shape[0]), ACC)
         y = tl.zeros((c_rows.shape[0], e_rows.shape[0]), ACC)
+        b_bad = tl.zeros((b_rows.shape[0],), tl.int32)
+        e_bad = tl.zeros((e_rows.shape[0],), tl.int32)
         for d0 in range(0, HEAD_DIM, BLOCK_D):
-            x += _dot(_chunk(a_rows, a_ok, d0, HEAD_DIM, BLOCK_D), tl.trans(_chunk(b_rows, b_ok, d0, HEAD_DIM, BLOCK_D)), PRECISION)
+            b = _chunk(b_rows, b_ok, d0, HEAD_DIM, BLOCK_D)
+            x += _dot(_chunk(a_rows, a_ok, d0, HEAD_DIM, BLOCK_D), tl.trans(b), PRECISION)
+            b_bad = tl.maximum(b_bad, _finite_rows(b)[1])
             if TWO:
-                y += _dot(_chunk(c_rows, c_ok, d0, HEAD_DIM, BLOCK_D), tl.trans(_chunk(e_rows, e_ok, d0, HEAD_DIM, BLOCK_D)), PRECISION)
-        return x, y
+                e = _chunk(e_rows, e_ok, d0, HEAD_DIM, BLOCK_D)
+                y += _dot(_chunk(c_rows, c_ok, d0, HEAD_DIM, BLOCK_D), tl.trans(e), PRECISION)
+                e_bad = tl.maximum(e_bad, _finite_rows(e)[1])
+        return x, y, b_bad, e_bad
 
     @triton.jit
     def _fwd_kernel(
@@ -302,7 +322,7 @@ if triton is not None:
             if HEAD_DIM <= BLOCK_D:
                 s = _dot(q, tl.trans(_chunk(k_rows, col_ok, 0, HEAD_DIM, BLOCK_D)), PRECISION)
             else:
-                s, _ = _products(q_rows, row_ok, k_rows, col_ok, q_rows, row_ok, k_rows, col_ok, False, HEAD_DIM, BLOCK_D, ACC, PRECISION)
+                s, _, _, _ = _products(q_rows, row_ok, k_rows, col_ok, q_rows, row_ok, k_rows, col_ok, False, HEAD_DIM, BLOCK_D, ACC, PRECISION)
             own = (cols[None, :] >= kb[:, None]) & (cols[None, :] < ke[:, None])
             s = tl.where(own, s * qk_scale, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -313,13 +333,13 @@ if triton is not None:
             m = m_new
             if HEAD_DIM <= BLOCK_D:
                 vc, v_bad = _finite_rows(_chunk(v_rows, col_ok, 0, HEAD_DIM, BLOCK_D))
-                acc = _poison(acc, own, v_bad)  # before the dot: own dies here
+                p = tl.where(own & (v_bad[None, :] > 0), float("nan"), p)
                 acc = acc * carry[:, None] + _dot(p.to(vc.dtype), vc, PRECISION)
             else:
                 inv_l = 1.0 / tl.where(l == 0, 1.0, l)  # rows without keys have a zero sum
                 for d0 in range(0, HEAD_DIM, BLOCK_D):
                     vc, v_bad = _finite_rows(_chunk(v_rows, col_ok, d0, HEAD_DIM, BLOCK_D))
-                    part = _poison(_dot(p.to(vc.dtype), vc, PRECISION), own, v_bad)
+                    part = _dot(tl.where(own & (v_bad[None, :] > 0), float("nan"), p).to(vc.dtype), vc, PRECISION)
                     _accumulate(part, carry[:, None], w_rows, row_ok, o_rows, d0, blk, n_blocks, inv_l[:, None], HEAD_DIM, BLOCK_D)
                 tl.debug_barrier()  # the next block reads back this block's workspace rows
             blk += 1
@@ -403,17 +423,16 @@ if triton is not None:
                 s = _dot(q, tl.trans(kc), PRECISION)
                 dp = _dot(do, tl.trans(_chunk(v_rows, col_ok, 0, HEAD_DIM, BLOCK_D)), PRECISION)
             else:
-                s, dp = _products(q_rows, row_ok, k_rows, col_ok, do_rows, row_ok, v_rows, col_ok, True, HEAD_DIM, BLOCK_D, ACC, PRECISION)
+                s, dp, k_bad, _ = _products(q_rows, row_ok, k_rows, col_ok, do_rows, row_ok, v_rows, col_ok, True, HEAD_DIM, BLOCK_D, ACC, PRECISION)
             own = (cols[None, :] >= kb[:, None]) & (cols[None, :] < ke[:, None])
             # masked after the product: other segments' scores and dP may be non-finite
-            ds = tl.where(own, tl.exp2(s * qk_scale - lse2[:, None]) * (dp - delta[:, None]), 0.0) * scale
+            ds = tl.where(own, tl.exp2(s * qk_scale - lse2[:, None]) * (dp - delta[:, None]) + _nan_if(k_bad)[None, :], 0.0) * scale
             if HEAD_DIM <= BLOCK_D:
-                acc = _poison(acc, own, k_bad)  # before the dot: own dies here
                 acc += _dot(ds.to(kc.dtype), kc, PRECISION)
             else:
                 for d0 in range(0, HEAD_DIM, BLOCK_D):
-                    kc, k_bad = _finite_rows(_chunk(k_rows, col_ok, d0, HEAD_DIM, BLOCK_D))
-                    part = _poison(_dot(ds.to(kc.dtype), kc, PRECISION), own, k_bad)
+                    kc, _ = _finite_rows(_chunk(k_rows, col_ok, d0, HEAD_DIM, BLOCK_D))
+                    part = _dot(ds.to(kc.dtype), kc, PRECISION)
                     _accumulate(part, 1.0, w_rows, row_ok, g_rows, d0, blk, n_blocks, 1.0, HEAD_DIM, BLOCK_D)
                 tl.debug_barrier()  # the next block reads back this block's workspace rows
             blk += 1
@@ -463,36 +482,31 @@ if triton is not None:
             do_rows = DOut + rows64 * stride_dt + h * stride_dh
             lse2, delta = _row_stats(Lse, Delta, h, rows, Tq)
             # the walked query rows are the dots' shared axis (see _finite_rows): q, dO
-            # and delta (non-finite with O) are zeroed there and flag their owners
+            # and delta (non-finite with O) are zeroed there and flag their rows
             delta_ok = tl.abs(delta) < float("inf")
             delta = tl.where(delta_ok, delta, 0.0)
-            delta_bad = tl.where(delta_ok, 0, 1)
             if HEAD_DIM <= BLOCK_D:
                 qc, q_bad = _finite_rows(_chunk(q_rows, row_ok, 0, HEAD_DIM, BLOCK_D))
                 doc, do_bad = _finite_rows(_chunk(do_rows, row_ok, 0, HEAD_DIM, BLOCK_D))
                 st = _dot(k, tl.trans(qc), PRECISION)
                 dpt = _dot(v, tl.trans(doc), PRECISION)
             else:
-                st, dpt = _products(k_rows, col_ok, q_rows, row_ok, v_rows, col_ok, do_rows, row_ok, True, HEAD_DIM, BLOCK_D, ACC, PRECISION)
+                st, dpt, q_bad, do_bad = _products(k_rows, col_ok, q_rows, row_ok, v_rows, col_ok, do_rows, row_ok, True, HEAD_DIM, BLOCK_D, ACC, PRECISION)
             own = (rows[None, :] >= qb[:, None]) & (rows[None, :] < qe[:, None])
-            pt = tl.where(own, tl.exp2(st * qk_scale - lse2[None, :]), 0.0)
+            pt = tl.where(own, tl.exp2(st * qk_scale - lse2[None, :]) + _nan_if(tl.maximum(tl.maximum(q_bad, do_bad), tl.where(delta_ok, 0, 1)))[None, :], 0.0)
             if HEAD_DIM <= BLOCK_D:
                 dst = pt * (dpt - delta[None, :]) * scale
-                bad = tl.maximum(tl.maximum(q_bad, do_bad), delta_bad)
-                dv = _poison(dv, own, bad)  # before the dots: own dies here
-                dk = _poison(dk, own, bad)
                 dv += _dot(pt.to(doc.dtype), doc, PRECISION)
                 dk += _dot(dst.to(qc.dtype), qc, PRECISION)
             else:
                 # dP from the raw chunks: other segments' dO rows may be non-finite
                 dst = tl.where(own, pt * (dpt - delta[None, :]), 0.0) * scale
                 for d0 in range(0, HEAD_DIM, BLOCK_D):
-                    qc, q_bad = _finite_rows(_chunk(q_rows, row_ok, d0, HEAD_DIM, BLOCK_D))
-                    doc, do_bad = _finite_rows(_chunk(do_rows, row_ok, d0, HEAD_DIM, BLOCK_D))
-                    bad = tl.maximum(tl.maximum(q_bad, do_bad), delta_bad)
-                    dv_part = _poison(_dot(pt.to(doc.dtype), doc, PRECISION), own, bad)
+                    qc, _ = _finite_rows(_chunk(q_rows, row_ok, d0, HEAD_DIM, BLOCK_D))
+                    doc, _ = _finite_rows(_chunk(do_rows, row_ok, d0, HEAD_DIM, BLOCK_D))
+                    dv_part = _dot(pt.to(doc.dtype), doc, PRECISION)
                     _accumulate(dv_part, 1.0, wv_rows, col_ok, gv_rows, d0, blk, n_blocks, 1.0, HEAD_DIM, BLOCK_D)
-                    dk_part = _poison(_dot(dst.to(qc.dtype), qc, PRECISION), own, bad)
+                    dk_part = _dot(dst.to(qc.dtype), qc, PRECISION)
                     _accumulate(dk_part, 1.0, wk_rows, col_ok, gk_rows, d0, blk, n_blocks, 1.0, HEAD_DIM, BLOCK_D)
                 tl.debug_barrier()  # the next block reads back this block's workspace rows
             blk += 1

@@ -284,6 +284,9 @@ def test_triton_non_finite_values_stay_in_their_segment(device, poisoned, D, dty
         rows = (lambda t: t.transpose(0, 1)) if name == "lse" else (lambda t: t)
         assert torch.equal(rows(c)[~inside], rows(d)[~inside]), f"{name} of the other segments changed"
     assert not all(torch.isfinite(t[inside]).all() for t in (dirty[0], *dirty[2:])), "the poison vanished"
+
+
+def test_opcheck(device):
     q, k, v, cu_q, cu_k = make_case([3, 0, 5], [2, 4, 1], H=2, D=16, device=device)
     for backend in ("reference", "triton", "torch"):
         args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), cu_q, cu_k, 8, 8, 0.3, backend)
