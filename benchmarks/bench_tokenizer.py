@@ -19,7 +19,7 @@ from .conftest import pool_size
 # (id, B, N, dim, heads, mlp, k, min_clusters)
 CUDA_CASES = [("B32-N729-C1152", 32, 729, 1152, 2, 4096, 64, 64)]
 # the CPU goal of issue 6: B=4, N=576, dim 256, reference clustering defaults
-CPU_CASES = [("B4-N576-C256", 4, 576, 256, 2, 256, 64, 64)]
+CPU_CASES = [("B4-N576-C256", 4, 576, 256, 2, 256, 64, 64), ("B4-N576-C256-k16", 4, 576, 256, 2, 256, 16, 8)]
 LAYERS = 2  # inner and inter depth, as in the reference
 
 

@@ -138,7 +138,8 @@ def _merge_tokens_backward_kernel(
         scale = tl.where(as_centre, tl.where(has_others, tl.load(blend_ptr + b * M + ks).to(ACC), 1.0), 0.0)
     dot = tl.zeros((BLOCK_C,), dtype=ACC)
     dot_centre = tl.zeros((BLOCK_C,), dtype=ACC)
-    for c0 in range(0, C, BLOCK_C):
+    c0 = 0
+    while c0 < C:  # not range(C): triton 3.6's interpreter hands C over as a numpy array
         offs_c = c0 + tl.arange(0, BLOCK_C)
         c_ok = offs_c < C
         xv = tl.load(x_ptr + t * C + offs_c, mask=c_ok, other=0.0).to(ACC)
@@ -152,6 +153,7 @@ def _merge_tokens_backward_kernel(
             gx += scale * gc
             dot_centre += gc * (xv - mc)
         tl.store(grad_x_ptr + t * C + offs_c, gx.to(grad_x_ptr.dtype.element_ty), mask=c_ok)
+        c0 += BLOCK_C
     gws = tl.load(gws_ptr + b * M + slot)
     gw = tl.where(member, gws + tl.where(as_other, tl.sum(dot, axis=0), 0.0), 0.0)
     tl.store(grad_w_ptr + t, gw)

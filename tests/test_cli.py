@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
+
+Image = pytest.importorskip("PIL.Image", reason="the command line needs pillow (extra 'cli')")
 
 from setok_model import cli
 

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
-import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers
+
+transformers = pytest.importorskip("transformers", reason="SETOKIM wraps Hugging Face models (extra 'hf')")
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402  (installed with transformers)
 
 from setok_model import IMAGE_PROMPT, SeTokConfig, SeTokProjector, SetokimForCausalLM
 
