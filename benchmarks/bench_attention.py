@@ -109,21 +109,30 @@ def h200_model(lengths_q: list[int], lengths_k: list[int], H: int, D: int, elt: 
     return dict(kernels=kernels, fwd_s=fwd, fwd_bwd_s=sum(k["time_s"] for k in kernels.values()))
 
 
+def _ragged_workload(case, device, dtype, grads):
+    """Segment lengths, packed length, longest segment, offsets, element size and a pool of
+    (q, k, v) tensors, plus an upstream gradient when ``grads`` (q, k, v then require grad)."""
+    name, B, N, M, H, D = case
+    gen = torch.Generator().manual_seed(B * N + H * D)
+    lengths = segment_lengths(B, N, M, gen)
+    T, max_len = B * N, max(lengths)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    elt = torch.finfo(dtype).bits // 8
+    count = 3 + (grads > 0)
+    pool = [
+        tuple(torch.randn(T, H, D, generator=gen).to(device, dtype).requires_grad_(i < grads) for i in range(count))
+        for _ in range(pool_size(count * T * H * D * elt))
+    ]
+    return lengths, T, max_len, cu, elt, pool
+
+
 @pytest.mark.parametrize("impl", SETOK + BASELINES)
 def test_varlen_attention(measure, benchmark, device, dtype, case, impl):
     benchmark.group = "attention"
     name, B, N, M, H, D = case
     if impl == "triton" and device.type != "cuda":
         pytest.skip("the Triton interpreter is for tests, not timings")
-    gen = torch.Generator().manual_seed(B * N + H * D)
-    lengths = segment_lengths(B, N, M, gen)
-    T, max_len = B * N, max(lengths)
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
-    elt = torch.finfo(dtype).bits // 8
-    pool = [
-        tuple(torch.randn(T, H, D, generator=gen).to(device, dtype) for _ in range(3))
-        for _ in range(pool_size(3 * T * H * D * elt))
-    ]
+    lengths, T, max_len, cu, elt, pool = _ragged_workload(case, device, dtype, grads=0)
     scale = D**-0.5
     flops = 4 * H * D * sum(L * L for L in lengths)
     nbytes = 4 * T * H * D * elt
@@ -185,15 +194,7 @@ def test_varlen_attention_forward_backward(measure, benchmark, device, dtype, ca
         pytest.importorskip("flash_attn")
         if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or D > 256:
             pytest.skip("flash-attn runs fp16/bf16 on CUDA with head dim <= 256")
-    gen = torch.Generator().manual_seed(B * N + H * D)
-    lengths = segment_lengths(B, N, M, gen)
-    T, max_len = B * N, max(lengths)
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
-    elt = torch.finfo(dtype).bits // 8
-    pool = [
-        tuple(torch.randn(T, H, D, generator=gen).to(device, dtype).requires_grad_(i < 3) for i in range(4))
-        for _ in range(pool_size(4 * T * H * D * elt))
-    ]
+    lengths, T, max_len, cu, elt, pool = _ragged_workload(case, device, dtype, grads=3)
     scale = D**-0.5
     bounds = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
 
