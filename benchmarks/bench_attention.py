@@ -13,10 +13,14 @@ Every case also records a cost model of setok's Triton kernels on an H200
 (``h200_model``, below): per kernel, the HBM bytes and tensor-core FLOPs its
 tiles execute at this shape (masked pairs included), and the time they imply.
 ``python -m benchmarks.bench_attention`` prints it for the benchmark shapes
-without running anything.
+without running anything; ``--ratios`` instead times, on the CPU, the torch
+backend against the per-segment SDPA loop and padded SDPA run in turn
+(interleaved), forward and forward + backward, and prints the ratios.
 """
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
@@ -30,7 +34,12 @@ from .conftest import pool_size
 # (id, B, N, M, H, D): SeTok's tokenizer is hidden 4096 / 2 heads (D = 2048)
 # in the reference configuration; D = 128 is the usual head size.
 CUDA_CASES = [("B32-N729-H2-D2048", 32, 729, 64, 2, 2048), ("B32-N729-H16-D128", 32, 729, 64, 16, 128)]
-CPU_CASES = [("B4-N576-H2-D128", 4, 576, 16, 2, 128), ("B4-N576-H4-D32", 4, 576, 32, 4, 32)]
+CPU_CASES = [
+    ("B4-N576-H2-D128", 4, 576, 16, 2, 128),
+    ("B4-N576-H4-D32", 4, 576, 32, 4, 32),
+    ("B4-N576-H2-D64", 4, 576, 16, 2, 64),
+    ("B4-N576-H2-D2048", 4, 576, 16, 2, 2048),  # the reference's head size (one SDPA-loop training step: ~5 s)
+]
 
 SETOK = ("triton", "flash_attn", "torch", "xformers", "reference")
 BASELINES = ("sdpa_per_segment", "sdpa_padded", "sdpa_nested", "flash_attn_direct", "xformers_direct")
@@ -226,5 +235,68 @@ def _print_models() -> None:
                       f"{k['time_s'] * 1e3:7.3f} ms ({k['bound']})")
 
 
+def interleaved_ratios(cases, repeats: int, clock=time.perf_counter) -> None:
+    """The torch backend against the per-segment SDPA loop and padded SDPA, forward and
+    forward + backward, on the CPU: the three run in turn on the same inputs, ``repeats``
+    times, in rotating order; prints the medians, the ratios of medians (> 1: setok
+    faster) and of the best rounds. Interleaving spreads a shared machine's load over all three alike; rotating,
+    the state one leaves (caches, the allocator's free memory) to the next."""
+    import statistics
+
+    device, dtype = torch.device("cpu"), torch.float32
+    for case in cases:
+        name, B, N, M, H, D = case
+        for grads in (0, 3):
+            lengths, T, max_len, cu, elt, pool = _ragged_workload(case, device, dtype, grads)
+            q, k, v = pool[0][:3]
+            scale = D**-0.5
+            bounds = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+            index, valid = bl.padding_index(cu, max_len)
+            forward = {
+                "setok": lambda: sk.varlen_attention(q, k, v, cu, max_seqlen_q=max_len, max_seqlen_k=max_len,
+                                                     scale=scale, backend="torch"),
+                "sdpa_per_segment": lambda: bl.attention_per_segment(q, k, v, bounds, scale),
+                "sdpa_padded": lambda: bl.attention_padded(q, k, v, index, valid, scale),
+            }
+            if grads:
+                dout = pool[0][3]
+                fns = {n: (lambda f: lambda: torch.autograd.grad(f(), (q, k, v), dout))(f) for n, f in forward.items()}
+            else:
+                fns = forward
+            seconds = {n: [] for n in fns}
+            for f in fns.values():
+                f()  # warm-up
+            names = list(fns)
+            for r in range(repeats):
+                # each round starts with the next one: none always follows the same (cache, allocator)
+                for n in names[r % len(names):] + names[: r % len(names)]:
+                    start = clock()
+                    fns[n]()
+                    seconds[n].append(clock() - start)
+            med = {n: statistics.median(x) for n, x in seconds.items()}
+            best = {n: min(x) for n, x in seconds.items()}
+            print(f"{name} {'forward+backward' if grads else 'forward'} ({len(lengths)} segments, {repeats} rounds): "
+                  + ", ".join(f"{n} {t * 1e3:.2f} ms" for n, t in med.items())
+                  + f"; setok vs per-segment {med['sdpa_per_segment'] / med['setok']:.2f}x"
+                  f" (best rounds {best['sdpa_per_segment'] / best['setok']:.2f}x),"
+                  f" vs padded {med['sdpa_padded'] / med['setok']:.2f}x (best {best['sdpa_padded'] / best['setok']:.2f}x)",
+                  flush=True)
+
+
 if __name__ == "__main__":
-    _print_models()
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ratios", action="store_true", help="interleaved CPU ratios instead of the H200 model")
+    parser.add_argument("--cases", default="", help="comma-separated case ids (default: all CPU cases)")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    parser.add_argument("--cpu-time", action="store_true", help="time with the process's CPU time (use with --threads 1)")
+    args = parser.parse_args()
+    if not args.ratios:
+        _print_models()
+    else:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        chosen = [c for c in CPU_CASES if not args.cases or c[0] in args.cases.split(",")]
+        interleaved_ratios(chosen, args.repeats, time.process_time if args.cpu_time else time.perf_counter)

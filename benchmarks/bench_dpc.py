@@ -6,7 +6,9 @@ to the centres (``2 C`` per token and centre), and reading the features once.
 
 Each DPC entry also records ``extra_info["h200_model"]``: an ESTIMATE (computed
 from bytes and FLOPs, never measured) of setok's Triton kernels at the case's
-shape on an H200 (``h200_model``; ``python -m benchmarks.bench_dpc`` prints it).
+shape on an H200, for the path ``dpc_cluster`` takes there: the streaming
+kernels (``h200_model``) or, where the B x N x N matrix fits the budget, the
+Gram path (``h200_model_gram``); ``python -m benchmarks.bench_dpc`` prints both.
 
 Also the memory claim (``--run-memory``): peak RSS of a fresh process that
 clusters one image of 16,384 tokens x 256 dims, streaming reference against
@@ -70,9 +72,13 @@ def _work(B, N, C, num_clusters, dtype):
 _NO_LAUNCH = (torch.ops.aten.empty, torch.ops.aten.empty_like, torch.ops.aten.scalar_tensor)
 
 
-def _glue_launches(B: int, N: int, C: int, k: int, M: int) -> int:
+_GRAM_ENV = "SETOK_DPC_GRAM_BYTES"
+
+
+def _glue_launches(B: int, N: int, C: int, k: int, M: int, gram_bytes: int = 0) -> int:
     """aten ops (one CUDA launch each, views and allocations excluded) that triton ``dpc_cluster`` runs
-    between its Triton kernels: counted on CPU zeros, the Triton kernels skipped."""
+    between its Triton kernels: counted on CPU zeros, the Triton kernels skipped. ``gram_bytes``: the
+    Gram path's budget (0: the streaming path)."""
     from triton.runtime.jit import JITFunction
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -88,12 +94,18 @@ def _glue_launches(B: int, N: int, C: int, k: int, M: int) -> int:
 
     run = JITFunction.run
     JITFunction.run = lambda self, *args, grid, warmup, **kwargs: None
+    saved = os.environ.get(_GRAM_ENV)
+    os.environ[_GRAM_ENV] = str(gram_bytes)
+    x = torch.zeros(1, N, C)  # made outside the count: the caller's input
     try:
         with Count():
-            triton_dpc._dpc_cluster(torch.zeros(1, N, C), k, THRESHOLD, min(8, M), M, None, "column_max", 0, "index",
-                                    "none")
+            triton_dpc._dpc_cluster(x, k, THRESHOLD, min(8, M), M, None, "column_max", 0, "index", "none")
     finally:
         JITFunction.run = run
+        if saved is None:
+            del os.environ[_GRAM_ENV]
+        else:
+            os.environ[_GRAM_ENV] = saved
     return Count.n
 
 
@@ -149,6 +161,78 @@ def h200_model(B: int, N: int, C: int, k: int, M: int, elt: int = 2) -> dict:
     return dict(kernels=kernels, total_s=sum(v["time_s"] for v in kernels.values()), estimate=True)
 
 
+H200_LANE_OPS = 132 * 128 * 1.98e9  # CUDA-core lane instructions per second (SMs x fp32 lanes x clock)
+GOAL_S = 0.25e-3  # issue 15: dpc_cluster at W2
+# dpc_gram._kth_smallest's steps until one key is left in a row's bracket: data-dependent (at most 31);
+# 12.4 on average for Gaussian features at W2 (k=64; the most of a program's 4 rows), by simulation
+SELECT_STEPS = 13
+
+
+@functools.lru_cache(maxsize=None)
+def h200_model_gram(B: int, N: int, C: int, k: int, M: int, elt: int = 2) -> dict:
+    """ESTIMATED time of each kernel of the Gram path (``setok_kernels/dpc_gram.py``) on an H200, as
+    ``h200_model`` (same rates, 5 us a launch, well-conditioned images: the EXACT launches exit), plus
+    the CUDA-core work of the row passes, which dominates them: ``time = max(bytes / 4.3 TB/s,
+    FLOPs / 395 TFLOP/s tf32, lane ops / 33.5 T/s) + 5 us``.
+
+    Lane ops are counted per matrix entry of the padded rows (N_PAD = next power of two): density,
+    the bracket (~6: a max and a min), ``SELECT_STEPS`` bisection steps of a compare and an add with the
+    row reduction's share (3), the last key's min (3), then the fixed-point sum (~10: fp64 convert,
+    multiply, int64 add); delta, ~12 (compares, selects, three min-reductions);
+    assignment, ~6 per (centre, token); finish, ~6 per (token, token) of the (B, N) vectors."""
+    from setok_kernels import dpc_gram as G
+    from setok_kernels import triton_dpc as T
+
+    cfg = T._config()
+    block = cfg["BLOCK_N"]
+    tiles = -(-N // block)
+    upper = tiles * (tiles + 1) // 2  # tiles on and above the diagonal
+    n_pad = max(16, 1 << (N - 1).bit_length())
+    x_bytes = B * N * C * elt
+    matrix = B * N * N * 4
+    kernels = {}
+
+    def add(name, config, nbytes, flops=0, ops=0):
+        times = {"memory": nbytes / H200_BYTES_PER_S, "compute": flops / H200_TF32_FLOPS,
+                 "CUDA cores": ops / H200_LANE_OPS}
+        bound = max(times, key=times.get)
+        kernels[name] = dict(config=config, bytes=int(nbytes), flops=int(flops), lane_ops=int(ops),
+                             time_s=times[bound] + LAUNCH_S, bound=bound)
+
+    rows = f"{G._rows(N)[1]} rows x {n_pad}"
+    flags = f"EXACT {T._exact_config()['BLOCK_M']} rows, exits"
+    # dpc_gram._prepare: the stats, then scale, mean, |a|^2 and nmax in one launch (no torch glue)
+    add("stats", "32 rows x 64 ch, mean + amax", x_bytes + B * C * 12)
+    add("norms", "32 rows x 64 ch, + scale, shift, nmax", x_bytes + B * C * 16 + B * N * 4)
+    add("gram", f"{block}x{block}x{cfg['BLOCK_C']} w{cfg['num_warps']}, {upper} of {tiles * tiles} tiles",
+        x_bytes + matrix, 3 * 2 * B * upper * block * block * C)
+    add("density", rows + f", {SELECT_STEPS}-step select", matrix + B * N * 13,
+        ops=B * N * n_pad * (6 + SELECT_STEPS * 3 + 3 + 10))
+    add("density_exact", flags, B * N)
+    add("delta", rows, matrix + B * N * 25, ops=B * N * n_pad * 12)
+    add("delta_exact", flags, B * N)
+    add("parent_distance", "32 rows x 64 ch", 2 * x_bytes + B * N * 12)
+    add("finish", "32 rows x 128, cap + score", B * N * 21, ops=B * N * N * 6)
+    if N <= T.MAX_SELECT_N:
+        add("select_centers", f"1 program/image, BLOCK={max(16, 1 << (N - 1).bit_length())}", B * N * 5 + B * M * 8)
+    add("assign", f"16 centres x 128 tokens, {M} centres", B * M * N * 4 + B * N * 13, ops=B * M * N * 6)
+    add("assign_exact", flags, B * N)
+    glue = _glue_launches(B, N, C, k, M, gram_bytes=matrix)
+    launches_s = (len(kernels) + glue) * LAUNCH_S
+    kernels["glue"] = dict(config=f"{glue} torch ops", bytes=0, flops=0, lane_ops=0, time_s=glue * LAUNCH_S,
+                           bound="launch")
+    total = sum(v["time_s"] for v in kernels.values())
+    return dict(kernels=kernels, total_s=total, launches_s=launches_s, goal_s=GOAL_S, estimate=True)
+
+
+def _model(B, N, C, k, M, elt=2) -> dict:
+    """The model of the path triton ``dpc_cluster`` takes at this shape."""
+    from setok_kernels.dpc_gram import use_gram
+
+    gram = use_gram(torch.empty(B, N, C, device="meta"))
+    return dict((h200_model_gram if gram else h200_model)(B, N, C, k, M, elt), path="gram" if gram else "streaming")
+
+
 @pytest.mark.parametrize("impl", SETOK + tuple(BASELINES))
 def test_dpc_cluster(measure, benchmark, device, dtype, case, impl):
     benchmark.group = "dpc"
@@ -176,7 +260,7 @@ def test_dpc_cluster(measure, benchmark, device, dtype, case, impl):
         role = "baseline"
     measure(fn, pool, impl=impl, case=name, role=role, flops=flops, bytes=nbytes,
             shape=dict(B=B, N=N, C=C, k=k, min_clusters=min_clusters, dtype=str(dtype)[6:]),
-            h200_model=h200_model(B, N, C, k, max(1, -(-clusters // B)), torch.finfo(dtype).bits // 8))
+            h200_model=_model(B, N, C, k, max(1, -(-clusters // B)), torch.finfo(dtype).bits // 8))
 
 
 # ------------------------------------------------------------------ memory
@@ -273,13 +357,22 @@ def test_dpc_pass(measure, benchmark, device, dtype, case, op, impl):
 
 
 def _print_models() -> None:
+    from setok_kernels.dpc_gram import use_gram
+
     for name, B, N, C, k, _ in CUDA_CASES + CPU_CASES:
         M = 64  # centres assigned to (the model's assignment pass grows with them)
-        model = h200_model(B, N, C, k, M)
-        print(f"{name} (bf16, k={k}, {M} centres): ESTIMATE {model['total_s'] * 1e3:.3f} ms on an H200 (not measured)")
-        for kernel, v in model["kernels"].items():
-            print(f"  {kernel:18s} {v['config']:36s} {v['bytes'] / 1e6:9.2f} MB {v['flops'] / 1e9:9.1f} GFLOP "
-                  f"{v['time_s'] * 1e6:8.1f} us ({v['bound']})")
+        models = [("streaming", h200_model(B, N, C, k, M))]
+        if use_gram(torch.empty(B, N, C, device="meta")):  # the path dpc_cluster takes here
+            models.append(("Gram", h200_model_gram(B, N, C, k, M)))
+        for path, model in models:
+            goal = f" (goal {GOAL_S * 1e3:.2f} ms)" if (B, N, C) == (32, 729, 1152) else ""
+            launches = f", {model['launches_s'] * 1e3:.3f} ms of it launches" if "launches_s" in model else ""
+            print(f"{name} (bf16, k={k}, {M} centres), {path} path: ESTIMATE {model['total_s'] * 1e3:.3f} ms "
+                  f"on an H200{goal}{launches}, not measured")
+            for kernel, v in model["kernels"].items():
+                ops = f" {v['lane_ops'] / 1e9:7.2f} Gop" if "lane_ops" in v else ""
+                print(f"  {kernel:18s} {v['config']:40s} {v['bytes'] / 1e6:9.2f} MB {v['flops'] / 1e9:9.1f} GFLOP"
+                      f"{ops} {v['time_s'] * 1e6:8.1f} us ({v['bound']})")
 
 
 if __name__ == "__main__":

@@ -45,10 +45,10 @@ def peers_batched(x: torch.Tensor, cluster_num: int, k: int):
         denser = (density[:, None, :] > density[:, :, None]).to(xf.dtype)
         d_max = d.flatten(1).amax(-1)[:, None, None]
         delta = (d * denser + d_max * (1 - denser)).amin(-1)
-        centres = (delta * density).topk(cluster_num, dim=-1).indices
-        to_centres = torch.gather(d, 1, centres[:, :, None].expand(B, cluster_num, N))
-        labels = to_centres.argmin(1)
-        labels.scatter_(1, centres, torch.arange(cluster_num, device=x.device).expand(B, cluster_num))
+        centers = (delta * density).topk(cluster_num, dim=-1).indices
+        to_centers = torch.gather(d, 1, centers[:, :, None].expand(B, cluster_num, N))
+        labels = to_centers.argmin(1)
+        labels.scatter_(1, centers, torch.arange(cluster_num, device=x.device).expand(B, cluster_num))
     weight = x.new_ones(B * N, 1)
     flat = (labels + torch.arange(B, device=x.device)[:, None] * cluster_num).flatten()
     total = x.new_zeros(B * cluster_num, 1).index_add_(0, flat, weight) + 1e-6

@@ -4,12 +4,17 @@
 reference's way (``tests/_official_loop.official_tokenize``: one image and
 one cluster at a time), both from the same reference-layout weights.
 
+``python -m benchmarks.bench_tokenizer`` runs the two in turn (interleaved) and
+prints their ratio, outside pytest.
+
 Work counted for the floor (dominant terms): the two DPC passes over all
 token pairs, and the encoders' linear layers on every token (the inter-cluster
 encoder and the attention scores, on far fewer rows, are left out).
 """
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
@@ -87,3 +92,51 @@ def test_tokenizer_forward_backward(measure, benchmark, device, dtype, case):
     # the backward costs about twice the encoders' forward; the clustering runs once
     flops = _encoder_flops(B, N, dim, mlp) + 2 * 2 * B * N * (LAYERS * 4 * dim * dim + 2 * dim * mlp)
     measure(fn, pool, impl="setok", case=name, role="setok", flops=flops, bytes=nbytes, shape=shape)
+
+
+def interleaved_ratios(cases, repeats: int, clock=time.perf_counter) -> None:
+    """setok's tokenizer against the reference loop on the CPU, run in turn on the same
+    inputs ``repeats`` times; prints the medians, their ratio (> 1: setok faster) and that
+    of the best rounds."""
+    import statistics
+
+    from tests._official_loop import official_tokenize
+
+    device, dtype = torch.device("cpu"), torch.float32
+    for case in cases:
+        name, B, N, dim, heads, mlp, k, min_clusters = case
+        weights, pool, _, _ = _workload(case, device, dtype)
+        model = _tokenizer(weights, case, device).eval()
+        fns = {"setok": lambda x: model(x), "official_loop": lambda x: official_tokenize(weights, x, heads, k=k, min_clusters=min_clusters)}
+        seconds = {n: [] for n in fns}
+        with torch.no_grad():
+            for f in fns.values():
+                f(pool[0][0])  # warm-up
+            names = list(fns)
+            for i in range(repeats):
+                x = pool[i % len(pool)][0]
+                for n in names[i % 2:] + names[: i % 2]:  # alternate which runs first
+                    start = clock()
+                    fns[n](x)
+                    seconds[n].append(clock() - start)
+        med = {n: statistics.median(t) for n, t in seconds.items()}
+        best = {n: min(t) for n, t in seconds.items()}
+        clusters = model(pool[0][0]).num_clusters.tolist()
+        print(f"{name} ({repeats} rounds, clusters per image {clusters}): setok {med['setok'] * 1e3:.2f} ms, "
+              f"official loop {med['official_loop'] * 1e3:.2f} ms; setok {med['official_loop'] / med['setok']:.2f}x "
+              f"(best rounds {best['official_loop'] / best['setok']:.2f}x)", flush=True)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="interleaved CPU ratios of the tokenizer forward against the reference loop")
+    parser.add_argument("--cases", default="", help="comma-separated case ids (default: all CPU cases)")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    parser.add_argument("--cpu-time", action="store_true", help="time with the process's CPU time (use with --threads 1)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    chosen = [c for c in CPU_CASES if not args.cases or c[0] in args.cases.split(",")]
+    interleaved_ratios(chosen, args.repeats, time.process_time if args.cpu_time else time.perf_counter)

@@ -18,7 +18,7 @@ HBM bytes/s); on any other device (the CPU included) a matmul rate and a copy
 bandwidth measured once per session, here, and labelled as measured.
 
 Options: ``--bench-device cpu|cuda`` (default: cuda when available) and
-``--run-memory`` for the peak-RSS measurement (minutes on 2 cores).
+``--run-memory`` for the peak-RSS measurement (slow).
 Shapes: the real ones on CUDA, scaled-down ones on the CPU.
 """
 
@@ -96,11 +96,6 @@ def device(pytestconfig) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         pytest.exit("--bench-device cuda: no CUDA device", returncode=2)
     return torch.device(name)
-
-
-@pytest.fixture(scope="session")
-def on_cuda(device) -> bool:
-    return device.type == "cuda"
 
 
 @pytest.fixture(scope="session")
@@ -188,10 +183,6 @@ def environment(device) -> dict:
 def pool_size(input_bytes: int) -> int:
     """Distinct input sets to rotate through so that together they overflow the cache."""
     return max(1, min(_MAX_POOL, math.ceil(_CACHE_BYTES / max(1, input_bytes))))
-
-
-def tensor_bytes(*tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 def skip_unless_runs(fn: Callable, args: Sequence) -> None:

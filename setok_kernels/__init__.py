@@ -9,23 +9,8 @@ Every op exists as ``setok_kernels.NAME`` (validating Python function),
 from . import ops, reference  # noqa: F401  (defines torch.ops.setok.*, registers the reference)
 from ._backends import BackendUnavailableError
 from ._validation import DTypeError
-from .functional import (
-    ClusterResult,
-    MergeResult,
-    Packing,
-    assign_to_centers,
-    density_delta,
-    dpc_cluster,
-    knn_density,
-    merge_clusters,
-    pack_clusters,
-    pad_segments,
-    pairwise_distance,
-    segment_mean,
-    select_centers,
-    unpad_segments,
-    varlen_attention,
-)
+from . import functional
+from .functional import *  # noqa: F401,F403  (every op's function and result type: functional.__all__)
 
 __version__ = "0.1.0"
 
@@ -35,24 +20,5 @@ __version__ = "0.1.0"
 # registers with the reason it is unavailable instead of failing.
 from . import _native, attention_backends, triton_attention, triton_dpc, triton_merge  # noqa: E402,F401
 
-__all__ = [
-    "BackendUnavailableError",
-    "DTypeError",
-    "ClusterResult",
-    "Packing",
-    "pairwise_distance",
-    "knn_density",
-    "density_delta",
-    "select_centers",
-    "assign_to_centers",
-    "dpc_cluster",
-    "pack_clusters",
-    "segment_mean",
-    "merge_clusters",
-    "MergeResult",
-    "varlen_attention",
-    "pad_segments",
-    "unpad_segments",
-    "reference",
-    "ops",
-]
+__all__ = ["BackendUnavailableError", "DTypeError", "reference", "ops"]
+__all__ += functional.__all__

@@ -3,9 +3,11 @@
 Each implementation of an op declares what it supports (devices, dtypes, grad,
 per-call limits) and answers *why* it declines a call. ``resolve`` picks the
 implementation: the one named by ``backend=`` / the environment, or, for
-``"auto"``, the first in priority order that accepts the call. Forcing an
-implementation that declines raises :class:`BackendUnavailableError` with its
-reasons, never a silent fallback.
+``"auto"``, the first in its op family's auto order (``AUTO_ORDER``, refined
+per call by ``auto_order``) that accepts the call. Forcing an implementation
+that declines raises :class:`BackendUnavailableError` with its reasons, never
+a silent fallback. The backward of an op runs the backend its forward ran
+(ops.py passes the resolved name).
 """
 
 from __future__ import annotations
@@ -25,13 +27,42 @@ __all__ = [
     "implementations",
     "backend_names",
     "normalize_backend",
+    "auto_order",
 ]
 
-# Backend names accepted per op family. Attention has more (external libraries).
-DPC_BACKENDS = ("auto", "triton", "native", "reference")
-ATTN_BACKENDS = ("auto", "triton", "flash_attn", "torch", "xformers", "reference")
+# The auto order of each op family: "auto" runs the first of these that accepts
+# the call. Every implementation is registered under one of its family's names.
+AUTO_ORDER = {
+    # Triton's fused kernels on CUDA (the interpreter on the CPU is for tests and
+    # must be forced), then the compiled library's CPU/CUDA kernels, then the
+    # pure-PyTorch reference, which accepts every call.
+    "dpc": ("triton", "native", "reference"),
+    # flash-attn's and torch's flash kernels are the fastest for the 16-bit head
+    # dims they have (<= FLASH_MAX_HEAD_DIM); the Triton kernel packs short
+    # segments into shared tiles; xformers reads the offsets on the host (a sync,
+    # not capturable); the reference last. On the CPU, torch's fused kernel.
+    # auto_order moves Triton first where no flash kernel applies.
+    "attention": ("flash_attn", "torch", "triton", "xformers", "reference"),
+}
+# flash-attn's and torch's flash kernels take head dims up to this
+FLASH_MAX_HEAD_DIM = 256
 
+_ATTENTION_OPS = ("varlen_attention", "varlen_attention_backward")
 _ENV = {"dpc": "SETOK_BACKEND", "attention": "SETOK_ATTN_BACKEND"}
+
+
+def family(op: str) -> str:
+    return "attention" if op in _ATTENTION_OPS else "dpc"
+
+
+def auto_order(op: str, call: CallInfo) -> tuple[str, ...]:
+    """``AUTO_ORDER`` of ``op``'s family, refined by what the call is."""
+    order = AUTO_ORDER[family(op)]
+    if op in _ATTENTION_OPS and (call.extra.get("head_dim", 0) > FLASH_MAX_HEAD_DIM or call.dtype == torch.float32):
+        # no flash kernel above its head dims or in float32: the chunked Triton kernel
+        # leads the memory-efficient ones (torch's, xformers')
+        order = ("triton",) + tuple(name for name in order if name != "triton")
+    return order
 
 
 class BackendUnavailableError(RuntimeError):
@@ -52,9 +83,8 @@ class CallInfo:
 @dataclass
 class Impl:
     op: str
-    name: str
+    name: str  # one of AUTO_ORDER[family(op)]
     fn: Callable
-    priority: int  # lower runs first under "auto"
     devices: Optional[tuple[str, ...]]  # None: any device
     dtypes: tuple[torch.dtype, ...]
     # devices where "auto" may pick it (e.g. the Triton interpreter on CPU is
@@ -65,12 +95,7 @@ class Impl:
     available: Callable[[], Optional[str]] = lambda: None
     # returns None when this call fits, else why not
     check: Optional[Callable[[CallInfo], Optional[str]]] = None
-    # per-call priority for "auto" (e.g. by head dim); None: ``priority``
-    priority_for_call: Optional[Callable[[CallInfo], int]] = None
     _availability: Optional[tuple[Optional[str]]] = None
-
-    def rank(self, call: CallInfo) -> int:
-        return self.priority if self.priority_for_call is None else self.priority_for_call(call)
 
     def unavailable_reason(self) -> Optional[str]:
         if self._availability is None:
@@ -104,9 +129,12 @@ _REGISTRY: dict[str, list[Impl]] = {}
 
 
 def register(impl: Impl) -> Impl:
+    """Add (or replace) ``impl``; the registry keeps its family's auto order."""
+    order = AUTO_ORDER[family(impl.op)]
+    if impl.name not in order:
+        raise ValueError(f"{impl.op}: backend {impl.name!r} is not in the auto order {order} (_backends.AUTO_ORDER)")
     impls = _REGISTRY.setdefault(impl.op, [])
-    impls[:] = [i for i in impls if i.name != impl.name] + [impl]
-    impls.sort(key=lambda i: i.priority)
+    impls[:] = sorted([i for i in impls if i.name != impl.name] + [impl], key=lambda i: order.index(i.name))
     return impl
 
 
@@ -119,7 +147,7 @@ def registered_ops() -> list[str]:
 
 
 def backend_names(family: str) -> tuple[str, ...]:
-    return ATTN_BACKENDS if family == "attention" else DPC_BACKENDS
+    return ("auto",) + AUTO_ORDER[family]
 
 
 def normalize_backend(backend: Optional[str], family: str = "dpc", arg: str = "backend") -> str:
@@ -149,7 +177,7 @@ def resolve(op: str, backend: str, call: CallInfo) -> Impl:
         have = ", ".join(i.name for i in impls) or "none"
         raise BackendUnavailableError(f"setok.{op}: backend '{backend}' has no implementation of this op (has: {have})")
     reasons = []
-    for impl in sorted(impls, key=lambda i: i.rank(call)):
+    for impl in _in_auto_order(op, call):
         reason = impl.decline_reason(call, forced=False)
         if reason is None:
             return impl
@@ -157,7 +185,14 @@ def resolve(op: str, backend: str, call: CallInfo) -> Impl:
     raise BackendUnavailableError(f"setok.{op}: no backend accepts this call ({'; '.join(reasons)})")
 
 
+def _in_auto_order(op: str, call: CallInfo) -> list[Impl]:
+    impls = _REGISTRY.get(op, [])
+    order = auto_order(op, call)
+    if order is AUTO_ORDER[family(op)]:
+        return impls  # registered in that order
+    return sorted(impls, key=lambda i: order.index(i.name))
+
+
 def explain(op: str, call: CallInfo) -> list[tuple[str, Optional[str]]]:
     """(backend, None | reason it declines) for each implementation, in auto order."""
-    ranked = sorted(implementations(op), key=lambda i: i.rank(call))
-    return [(i.name, i.decline_reason(call, forced=False)) for i in ranked]
+    return [(i.name, i.decline_reason(call, forced=False)) for i in _in_auto_order(op, call)]

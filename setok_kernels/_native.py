@@ -198,13 +198,11 @@ _IMPLS = {
 }
 
 for _op, (_fn, _dtypes) in _IMPLS.items():
-    # ahead of the reference (100) under "auto" wherever the library has a kernel
     register(
         Impl(
             op=_op,
             name="native",
             fn=_fn,
-            priority=20,
             devices=_devices(f"native_{_op}"),
             dtypes=_dtypes,
             available=lambda: _UNAVAILABLE,

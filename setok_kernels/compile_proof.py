@@ -3,10 +3,14 @@
 ``python -m setok_kernels.info --compile sm_90 [sm_80 ...]``
 
 The configurations are not listed here: they are whatever the backends'
-own launchers compute. Each registered ``triton`` implementation is called
+own launchers compute for the target. Per target, ``_arch.target(arch)``
+makes every launcher choose its configs as on a GPU of that architecture
+family (the dispatcher's per-architecture tables), and each registered
+``triton`` implementation is called
 on small CPU tensors covering every bucket its host code distinguishes
-(dtype, mask, k list width, head-dim chunk, select block size, the enum
-arguments, ints equal to 1 or not divisible by 16); ``JITFunction.run`` and
+(dtype, mask, k list width, head-dim chunk, select block size, the DPC
+Gram and streaming paths and the Gram row-block sizes, the enum arguments,
+ints equal to 1 or not divisible by 16); ``JITFunction.run`` and
 ``Autotuner.run`` are patched to record the launch (every autotune candidate)
 instead of running it. Every distinct launch is
 then specialised exactly as Triton's runtime would (its own binder, for the
@@ -39,8 +43,9 @@ from typing import Iterator, Optional
 
 import torch
 
-from . import _backends
+from . import _arch, _backends
 from ._backends import CallInfo
+from ._triton import INTERPRETING
 
 # Per-SM and per-block limits (CUDA programming guide, compute capabilities).
 _LIMITS = {
@@ -138,7 +143,53 @@ def _features(B, N, C, dtype, masked):
     return x, mask
 
 
+@contextlib.contextmanager
+def _gram_budget(nbytes: Optional[int]) -> Iterator[None]:
+    """The DPC Gram path's memory budget (``dpc_gram.budget``, read per call) meanwhile; None: the default."""
+    name, old = "SETOK_DPC_GRAM_BYTES", os.environ.get("SETOK_DPC_GRAM_BYTES")
+    if nbytes is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = str(nbytes)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
 def _dpc_cases() -> None:
+    # small images take the Gram path (dpc_gram) by default; a zero budget sends the same
+    # calls down the streaming kernels, which large images take
+    for budget in (None, 0):
+        with _gram_budget(budget):
+            _dpc_grid()
+    _gram_rows_cases()
+    _select_cases()
+
+
+def _gram_rows_cases() -> None:
+    """The Gram path's row passes hold whole rows: one compile per padded row length, up to its largest N."""
+    try:
+        from . import dpc_gram
+    except ImportError:
+        return
+    C = 16
+    with _gram_budget(None):
+        for p in range(4, dpc_gram.MAX_ROW.bit_length()):
+            N = (1 << (p - 1)) + 1  # the bucket's smallest N (not 16-divisible); 2^p below: aligned
+            for n in (N, 1 << p) if (1 << p) < dpc_gram.MAX_ROW else (N,):
+                for masked in (False, True):
+                    x, mask = _features(1, n, C, torch.float32, masked)
+                    extra = dict(B=1, N=n, C=C)
+                    _call("knn_density", torch.float32, dict(extra, k=8), x, 8, mask)
+                    _call("density_delta", torch.float32, dict(extra, tie_break="index"), x, torch.rand(1, n), mask,
+                          "column_max", "index")
+
+
+def _dpc_grid() -> None:
     B = 2
     for dtype in _DTYPES:
         for masked in (False, True):
@@ -164,6 +215,9 @@ def _dpc_cases() -> None:
             for metric in ("euclidean", "cosine"):
                 _call("assign_to_centers", dtype, dict(extra, M=M, metric=metric), x, centers, num, mask, metric)
             _call("dpc_cluster", dtype, dict(extra, k=8, M=M), x, 8, 0.5, 4, M, mask, "column_max", 0, "index", "none")
+
+
+def _select_cases() -> None:
     # centre selection: scores are fp32 whatever the features; block size and warps follow N
     for masked in (False, True):
         for N in [1 << p for p in range(0, 16)]:
@@ -178,30 +232,27 @@ def _dpc_cases() -> None:
                 _call("select_centers", torch.float32, extra, score, mask, 0.5, min(8, M), M, num_centers, center_order)
 
 
-def _head_dims() -> list[int]:
-    """Head dims covering every launch-config bucket of the attention kernels.
+def _head_dims(family: int) -> list[int]:
+    """Head dims covering every launch-config bucket of the attention kernels on ``family``.
 
     The kernels take the head dim as a constexpr, so each value is its own
     compile: per group of head dims with the same config lists (read from
     ``triton_attention.configs``), its largest member; plus 72 (not a multiple
-    of 16: masked tails, unaligned rows). Without that helper, powers of two.
+    of 16: masked tails, unaligned rows).
     """
     from . import triton_attention as ta
 
-    configs = getattr(ta, "configs", None)
-    if configs is None:
-        return [16, 32, 64, 72, 128, 256, 512, 1024, 2048]
     groups: dict = {}
     for D in range(1, 2049):
-        key = tuple(tuple(configs(kernel, D, dtype)) for kernel in ("fwd", "dq", "dkdv") for dtype in _DTYPES)
+        key = tuple(tuple(ta.configs(kernel, D, dtype, family)) for kernel in ("fwd", "dq", "dkdv") for dtype in _DTYPES)
         groups[key] = D  # ascending: the group's largest
     return sorted(set(groups.values()) | {72})
 
 
-def _attention_cases() -> None:
+def _attention_cases(family: int) -> None:
     H = 2
     for dtype in _DTYPES:
-        for D in _head_dims():
+        for D in _head_dims(family):
             # 2^15 segments (mostly empty): the segment search takes a realistic largest step count
             lens = [0] * 32765 + [5, 40, 19]
             cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
@@ -234,13 +285,13 @@ def _merge_cases() -> None:
                           x, labels, num, weight, 1e-6, centres, blend)
 
 
-def record_launches() -> list[Launch]:
-    """Every Triton launch the backends make over the case grid (nothing runs)."""
+def record_launches(arch: int = 90) -> list[Launch]:
+    """Every Triton launch the backends make over the case grid on a GPU of ``arch`` (nothing runs)."""
     launches: list[Launch] = []
-    with _recording(launches), torch.no_grad():
+    with _recording(launches), torch.no_grad(), _arch.target(arch):
         _dpc_cases()
         _merge_cases()
-        _attention_cases()
+        _attention_cases(_arch.family(torch.device("cuda")))
     return launches
 
 
@@ -302,16 +353,21 @@ def _occupancy(regs: int, smem: int, warps: int, limits: dict) -> float:
     return blocks * warps / limits["warps_sm"]
 
 
-def compile_all(arch: int, launches: list[Launch], jobs: int = 1) -> list[Result]:
+def compile_all(arch: int, launches: list[Launch], jobs: int = 1, only: Optional[str] = None) -> list[Result]:
+    """Compile each distinct launch for ``arch``; ``only``: a regular expression the
+    "kernel config" row of the table must match (the others are skipped)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
 
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     limits = _LIMITS[arch]
+    wanted = re.compile(only) if only else None
     unique: dict[tuple, tuple] = {}
     for launch in launches:
         options, signature, constexprs, attrs = _specialise(launch, backend)
+        if wanted and not wanted.search(f"{launch.fn.__name__} {_label(launch.fn, signature, constexprs, attrs, options)}"):
+            continue
         src = ASTSource(launch.fn, signature, constexprs, attrs)
         key = (src.hash(), repr(sorted(options.__dict__.items())))
         unique.setdefault(key, (launch, src, options, signature, constexprs, attrs))
@@ -447,37 +503,16 @@ def parse_arch(text: str) -> int:
     return arch
 
 
-def _spill_key(r: Result) -> str:
-    return f"{r.kernel} {r.config}"
-
-
-def _accept_known_spills(results: list[Result], known: dict) -> int:
-    """Clear the spill problem of each result listed in ``known`` with at least its bytes; returns how many.
-
-    The list is a ratchet: a new spill, or a listed one that grew, still fails.
-    """
-    accepted = 0
-    for r in results:
-        limit = known.get(_spill_key(r))
-        spill = [p for p in r.problems if p.startswith("spills ")]
-        if spill and limit is not None and r.spill_stores <= limit:
-            r.problems = [p for p in r.problems if p not in spill]
-            accepted += 1
-    return accepted
-
-
-def main(archs: list[str], jobs: int = 0, known_spills: Optional[str] = None,
-         write_known_spills: Optional[str] = None) -> int:
+def main(archs: list[str], jobs: int = 0, only: Optional[str] = None) -> int:
     """Compile every recorded launch for each arch, print the tables, return the exit status.
 
-    ``known_spills``: a JSON file {"sm_90 triton 3.6.0": {"kernel config": bytes}}
-    of spills tolerated for now (a ratchet; see docs/GPU.md);
-    ``write_known_spills`` records this run's spills into such a file.
+    ``only``: compile just the rows matching this regular expression (see ``compile_all``).
     """
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if INTERPRETING:
         # kernels are created at import: in interpreter mode there is nothing to compile
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        return subprocess.call([sys.executable, "-m", "setok_kernels.info", "--compile", *archs], env=env)
+        extra = ["--jobs", str(jobs)] + (["--only", only] if only else [])
+        return subprocess.call([sys.executable, "-m", "setok_kernels.info", "--compile", *archs, *extra], env=env)
     try:
         import triton
     except ImportError as exc:
@@ -486,31 +521,21 @@ def main(archs: list[str], jobs: int = 0, known_spills: Optional[str] = None,
     targets = [parse_arch(a) for a in archs]
     jobs = jobs or len(os.sched_getaffinity(0))
     start = time.perf_counter()
-    launches = record_launches()
-    failed = bool(_RECORD_ERRORS)
-    for error in _RECORD_ERRORS:
-        print(f"compile proof: a launcher failed before any kernel: {error}")
-    known = {}
-    if known_spills and os.path.exists(known_spills):
-        with open(known_spills) as f:
-            known = json.load(f)
-    recorded = dict(known)
+    failed = False
     for arch in targets:
         t0 = time.perf_counter()
-        results = compile_all(arch, launches, jobs)
-        key = f"sm_{arch} triton {triton.__version__}"
-        recorded[key] = {_spill_key(r): r.spill_stores for r in results if r.spill_stores or r.spill_loads}
-        tolerated = _accept_known_spills(results, known.get(key, {})) if known_spills else 0
+        _RECORD_ERRORS.clear()
+        launches = record_launches(arch)  # the configs the dispatcher picks on this architecture
+        for error in _RECORD_ERRORS:
+            print(f"compile proof: a launcher failed before any kernel: {error}")
+        results = compile_all(arch, launches, jobs, only)
         print(_table(arch, results))
         bad = [r for r in results if r.problems]
-        failed |= bool(bad)
-        print(f"sm_{arch}: {len(results)} configs compiled with triton {triton.__version__} in "
-              f"{time.perf_counter() - t0:.0f} s; {len(bad)} with problems"
-              + (f"; {tolerated} known spills tolerated ({known_spills})" if tolerated else "") + "\n")
-    if write_known_spills:
-        with open(write_known_spills, "w") as f:
-            json.dump({k: dict(sorted(v.items())) for k, v in sorted(recorded.items())}, f, indent=1)
-            f.write("\n")
-    print(f"compile proof: {len(launches)} launches recorded, {time.perf_counter() - start:.0f} s in all: "
-          f"{'FAILED' if failed else 'ok'}")
+        failed |= bool(bad) or bool(_RECORD_ERRORS)
+        hgmma = [r.hgmma for r in results if r.hgmma is not None]
+        print(f"sm_{arch}: {len(launches)} launches, {len(results)} configs compiled with triton {triton.__version__} "
+              f"in {time.perf_counter() - t0:.0f} s; spills in {sum(1 for r in results if r.spill_stores or r.spill_loads)}; "
+              + (f"16-bit dots with HGMMA {sum(hgmma)}/{len(hgmma)}; " if hgmma else "")
+              + f"{len(bad)} with problems\n")
+    print(f"compile proof: {time.perf_counter() - start:.0f} s in all: {'FAILED' if failed else 'ok'}")
     return 1 if failed else 0

@@ -25,23 +25,8 @@ from ._backends import normalize_backend
 from . import reference as _reference
 from .reference import ClusterResult, MergeResult, Packing
 
-__all__ = [
-    "ClusterResult",
-    "Packing",
-    "pairwise_distance",
-    "knn_density",
-    "density_delta",
-    "select_centers",
-    "assign_to_centers",
-    "dpc_cluster",
-    "pack_clusters",
-    "segment_mean",
-    "merge_clusters",
-    "MergeResult",
-    "varlen_attention",
-    "pad_segments",
-    "unpad_segments",
-]
+# one function here per op of the reference, under its name (the list is declared there)
+__all__ = list(_reference.__all__)
 
 
 def _backend(backend: Optional[str], family: str = "dpc") -> str:
@@ -118,10 +103,8 @@ def select_centers(
     index; all real tokens if fewer), no threshold, ``M = n``. Centres are in
     ascending index, or by descending score with ``center_order="score"``.
     """
-    if num_centers:
-        M = num_centers if max_clusters is None else max_clusters
-    else:
-        M = V.floating(score, "score", "B, N").shape[1] if max_clusters is None else max_clusters
+    B, N = V.scores(score)
+    M = V.cluster_bound(N, max_clusters, num_centers, B)
     V.check_select_centers(score, threshold, min_clusters, M, mask, num_centers or 0, center_order)
     return _ops.select_centers(
         score.detach(), float(threshold), min_clusters, M, mask, num_centers or 0, center_order, _backend(backend)
@@ -167,9 +150,10 @@ def dpc_cluster(
 ) -> ClusterResult:
     """DPC-kNN clustering of each image's real tokens (SPEC.md); no host sync.
 
-    ``centers`` has ``M = max_clusters or N`` columns. An image's k is
-    clamped to its real-token count, and an image without real tokens gets no
-    cluster (labels -1). ``validate`` has no value check to run here.
+    ``centers`` has ``M`` columns: ``num_centers`` when set, else
+    ``max_clusters``, else N. An image's k is clamped to its real-token count,
+    and an image without real tokens gets no cluster (labels -1). ``validate``
+    has no value check to run here.
 
     Drop-in options (TCFormer family): ``num_centers=n`` takes exactly the n
     highest scores per image (``M = n``, no threshold); ``center_order="score"``
@@ -185,10 +169,8 @@ def dpc_cluster(
     (|x| ~ 1e38) gives ``delta = inf``. NaN or Inf in ``x`` raise with
     ``check_finite=True``; otherwise they change only their own image.
     """
-    if num_centers:
-        M = num_centers if max_clusters is None else max_clusters
-    else:
-        M = V.floating(x, "x", "B, N, C").shape[1] if max_clusters is None else max_clusters
+    B, N, _ = V.features(x)
+    M = V.cluster_bound(N, max_clusters, num_centers, B)
     args = (k, threshold, min_clusters, M, mask, densest_delta, num_centers or 0, center_order, tie_break)
     V.check_dpc_cluster(x, *args)
     _finite(x, mask, check_finite)
@@ -211,12 +193,12 @@ def pack_clusters(
       ``cu_seqlens[-1]`` is the number of real tokens.
     - ``cu_seqlens (B*M + 1,) int32``: one segment per cluster, images in
       order, then empty trailing segments up to the static bound ``B*M``
-      (``M = max_clusters or N``); ``cu_clusters (B+1,) int32`` says where
+      (``M = max_clusters``, N when None); ``cu_clusters (B+1,) int32`` says where
       each image's segments start.
     - ``max_seqlen``: a 0-dim int64 tensor (reading it is the caller's sync).
     """
-    V.tensor(labels, "labels")
-    M = labels.shape[-1] if max_clusters is None else max_clusters
+    B, N = V.cluster_labels(labels)
+    M = V.cluster_bound(N, max_clusters, None, B)
     V.check_pack_clusters(labels, num_clusters, M)
     if V.validate_on_device(validate, labels):
         V.pack_clusters_values(labels, num_clusters, M)
@@ -258,7 +240,7 @@ def merge_clusters(
 ) -> MergeResult:
     """Merge each cluster's tokens into one, fused and sync-free: a :class:`MergeResult`.
 
-    Slot ``m < num_clusters[b]`` (``M = max_clusters or N`` slots) gets
+    Slot ``m < num_clusters[b]`` (``M = max_clusters``, N when None) gets
     ``sum(w x) / (sum(w) + eps)`` over the tokens with ``labels == m``
     (``w = weight``, default 1; label -1 is in no cluster), the same as
     ``pack_clusters`` + ``segment_mean`` + ``pad_segments`` in one pass.
@@ -270,7 +252,7 @@ def merge_clusters(
     ``weight`` and a tensor ``center_weight``; also through ``weight_sum``.
     """
     B, N, _ = V.features(x)
-    M = N if max_clusters is None else V.positive(max_clusters, "max_clusters")
+    M = V.cluster_bound(N, max_clusters, None, B)
     if center_weight is not None and not isinstance(center_weight, Tensor):
         a = V.number(center_weight, "center_weight")
         center_weight = torch.full((B, M), a, dtype=_ops.acc_dtype(x.dtype), device=x.device)

@@ -137,15 +137,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--compile", nargs="+", metavar="ARCH",
                         help="compile every Triton launch config for these targets (e.g. sm_90 sm_80), no GPU needed")
     parser.add_argument("--jobs", type=int, default=0, help="parallel compiles for --compile (default: all cores)")
-    parser.add_argument("--known-spills", metavar="JSON",
-                        help="with --compile: spills listed here (kernel, config, at most these bytes) do not fail")
-    parser.add_argument("--write-known-spills", metavar="JSON",
-                        help="with --compile: record this run's spills into that file")
+    parser.add_argument("--only", metavar="REGEX",
+                        help="with --compile: compile only the table rows ('kernel config') matching this regex")
     args = parser.parse_args(argv)
     if args.compile:
         from . import compile_proof
 
-        return compile_proof.main(args.compile, args.jobs, args.known_spills, args.write_known_spills)
+        return compile_proof.main(args.compile, args.jobs, args.only)
     report = collect()
     if args.json:
         print(json.dumps(report, indent=2, default=str))

@@ -7,7 +7,10 @@ through the same op, torch.compile sees one opaque node per op, and fake
 and arguments.
 
 The ``backend`` string argument is ``""`` for "from the environment"
-(``SETOK_BACKEND`` / ``SETOK_ATTN_BACKEND``), else a backend name.
+(``SETOK_BACKEND`` / ``SETOK_ATTN_BACKEND``), else a backend name. An op with
+a backward passes the backward op the backend its forward resolved to, by
+name: gradients always come from the implementation that computed the
+forward's saved outputs, whatever "auto" or the environment say later.
 """
 
 from __future__ import annotations
@@ -21,19 +24,14 @@ import torch
 from torch import Tensor
 
 from . import _backends
+from . import _segments
 from . import _validation as V
 from ._backends import CallInfo
-from .reference import acc_dtype
-
-_ATTENTION_OPS = ("varlen_attention", "varlen_attention_backward")
-
-
-def _family(op: str) -> str:
-    return "attention" if op in _ATTENTION_OPS else "dpc"
+from ._segments import acc_dtype
 
 
 def resolve(op: str, backend: str, t: Tensor, requires_grad: bool = False, **extra) -> _backends.Impl:
-    name = _backends.normalize_backend(backend or None, _family(op))
+    name = _backends.normalize_backend(backend or None, _backends.family(op))
     return _backends.resolve(op, name, CallInfo(t.device, t.dtype, requires_grad, extra))
 
 
@@ -48,6 +46,8 @@ def _exact(fn):
 
     @functools.wraps(fn)
     def body(*args):
+        if not (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")):
+            return fn(*args)  # entering the two contexts costs ~10 us per call
         with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
             return fn(*args)
 
@@ -63,12 +63,14 @@ def _checked(check, values=None):
     """
 
     def wrap(fn):
-        sig = inspect.signature(fn)
+        names = tuple(inspect.signature(fn).parameters)
         takes = {c: set(inspect.signature(c).parameters) for c in (check, values) if c is not None}
 
         @functools.wraps(fn)
         def body(*args, **kwargs):
-            given = sig.bind(*args, **kwargs).arguments
+            if len(args) > len(names) or not kwargs.keys() <= set(names[len(args):]):
+                raise TypeError(f"{fn.__name__}() takes each of the arguments {', '.join(names)} once")
+            given = dict(zip(names, args), **kwargs)
             check(**{n: a for n, a in given.items() if n in takes[check]})
             if values is not None and V.on_cpu(*given.values()):
                 values(**{n: a for n, a in given.items() if n in takes[values]})
@@ -296,8 +298,11 @@ def _(labels, num_clusters, max_clusters, backend):
 @_exact
 def segment_mean(x: Tensor, cu_seqlens: Tensor, backend: str, weight: Optional[Tensor] = None, eps: float = 0.0) -> Tensor:
     """``sum(w x) / (sum(w) + eps)`` per segment (w = 1 without weight); 0 where that denominator is 0."""
-    impl = resolve("segment_mean", backend, x, S=cu_seqlens.numel() - 1, C=x.shape[1], weighted=weight is not None)
-    return impl.fn(x, cu_seqlens, weight, eps)
+    return _segment_mean_impl(x, cu_seqlens, backend, weight).fn(x, cu_seqlens, weight, eps)
+
+
+def _segment_mean_impl(x, cu_seqlens, backend, weight) -> _backends.Impl:
+    return resolve("segment_mean", backend, x, S=cu_seqlens.numel() - 1, C=x.shape[1], weighted=weight is not None)
 
 
 @segment_mean.register_fake
@@ -343,7 +348,7 @@ def _segment_mean_setup(ctx, inputs, output):
     ctx.plain = weight is None and eps == 0.0
     ctx.save_for_backward(cu_seqlens, *(() if ctx.plain else (x, weight)))
     ctx.num_rows = x.shape[0]
-    ctx.backend = backend
+    ctx.backend = _segment_mean_impl(x, cu_seqlens, backend, weight).name
     ctx.eps = eps
 
 
@@ -374,9 +379,13 @@ def merge_clusters(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(tokens (B, M, C), key_mask, counts, weight_sum (B, M))``; ``center_weight`` is a (B, M) tensor here."""
-    B, N, C = x.shape
-    impl = resolve("merge_clusters", backend, x, B=B, N=N, C=C, M=max_clusters, blend=center_weight is not None)
+    impl = _merge_clusters_impl(x, max_clusters, center_weight, backend)
     return tuple(impl.fn(x, labels, num_clusters, max_clusters, weight, eps, centers, center_weight))
+
+
+def _merge_clusters_impl(x, max_clusters, center_weight, backend) -> _backends.Impl:
+    B, N, C = x.shape
+    return resolve("merge_clusters", backend, x, B=B, N=N, C=C, M=max_clusters, blend=center_weight is not None)
 
 
 @merge_clusters.register_fake
@@ -417,7 +426,7 @@ def _(grad_tokens, grad_weight_sum, x, labels, num_clusters, weight, eps, center
 def _merge_clusters_setup(ctx, inputs, output):
     x, labels, num_clusters, max_clusters, weight, eps, centers, center_weight, backend = inputs
     ctx.save_for_backward(x, labels, num_clusters, weight, centers, center_weight)
-    ctx.eps, ctx.backend = eps, backend
+    ctx.eps, ctx.backend = eps, _merge_clusters_impl(x, max_clusters, center_weight, backend).name
 
 
 def _merge_clusters_bwd(ctx, grad_tokens, grad_key_mask, grad_counts, grad_weight_sum):
@@ -462,6 +471,8 @@ def varlen_attention(
     """Returns ``(out (Tq, H, D), lse (H, Tq))``, lse in the accumulation dtype (float32,
     float64 for float64 inputs); -inf for rows without keys."""
     impl = resolve_attention(q, k, max_seqlen_q, max_seqlen_k, backend, False)
+    if _segments.nothing_to_attend(q, k, cu_seqlens_q):  # here, for every backend
+        return _segments.no_attention(q)
     return tuple(impl.fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale))
 
 
@@ -490,6 +501,8 @@ def varlen_attention_backward(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     impl = resolve("varlen_attention_backward", backend, q, True, **_attn_extra(q, k, max_seqlen_q, max_seqlen_k))
+    if _segments.nothing_to_attend(q, k, cu_seqlens_q):
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     return tuple(impl.fn(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale))
 
 
@@ -502,8 +515,8 @@ def _(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
 def _attention_setup(ctx, inputs, output):
     q, k, v, cu_q, cu_k, max_q, max_k, scale, backend = inputs
     out, lse = output
-    # the backward runs the backend the forward ran: "auto" resolves identically
-    ctx.backend = resolve_attention(q, k, max_q, max_k, backend, True).name
+    # the forward's resolution repeated (same call, same answer): its backend by name
+    ctx.backend = resolve_attention(q, k, max_q, max_k, backend, False).name
     ctx.args = (max_q, max_k, scale)
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
     # an unused output's gradient arrives as None, not zeros: the lse term costs nothing unless used

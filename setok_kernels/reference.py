@@ -7,7 +7,9 @@ token's distance to itself and to its duplicates is exactly 0 and ties stay
 ties. Each image is first divided by a power of two (``image_scale``: exact),
 so huge or tiny features give finite float32 distances. The clustering
 streams over row blocks: it never holds an N x N matrix for an image, and it
-never reads a tensor value back to the host.
+never reads a tensor value back to the host; nor do packing, segment means
+and merging. Attention reads its segment lengths once, to group segments by
+padded length (``_attention_buckets``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import _validation as V
+from ._segments import acc_dtype, clamped_offsets, row_segments
 
+# The public API, declared once: setok_kernels.functional defines a validating
+# function under each of these names, and the package exports them.
 __all__ = [
     "ClusterResult",
     "Packing",
@@ -57,10 +62,6 @@ class Packing(NamedTuple):
     cu_seqlens: torch.Tensor  # (B*M + 1,) int32: real segments first, then empty ones
     cu_clusters: torch.Tensor  # (B + 1,) int32
     max_seqlen: torch.Tensor  # () int64
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _valid(mask: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -324,16 +325,10 @@ def _pack_clusters(labels, num_clusters, max_clusters):
     return Packing(perm, cu_seqlens, cu_clusters, max_seqlen)
 
 
-def _clamped_offsets(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
-    """int64 offsets clamped into [0, T] and made non-decreasing, sync-free: offsets
-    that were not validated (CUDA, validate=False) never index out of bounds."""
-    return cu_seqlens.to(torch.int64).clamp(0, T).cummax(0).values
-
-
 def _segment_sums(x, cu_seqlens, weight, eps):
     """Per segment ``sum(w x)`` and ``sum(w) + eps`` in the accumulation dtype (w = 1 without weight)."""
     acc = acc_dtype(x.dtype)
-    offsets = _clamped_offsets(cu_seqlens, x.shape[0])
+    offsets = clamped_offsets(cu_seqlens, x.shape[0])
     xf = x.to(acc)
     if weight is None:
         total = torch.segment_reduce(xf, "sum", offsets=offsets, axis=0, unsafe=True, initial=0)
@@ -357,15 +352,6 @@ def _segment_mean(x, cu_seqlens, weight=None, eps=0.0):
     return _safe_div(total, denom)[0].to(x.dtype)
 
 
-def _segment_ids(cu_seqlens: torch.Tensor, T: int):
-    """Segment of each packed row, and whether the row lies in any segment."""
-    rows = torch.arange(T, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    seg = torch.searchsorted(cu_seqlens[1:], rows, right=True)
-    inside = rows < cu_seqlens[-1]
-    S = cu_seqlens.numel() - 1
-    return seg.clamp(max=max(S - 1, 0)), inside
-
-
 def _segment_mean_weighted_backward(grad, x, cu_seqlens, weight, eps):
     """``(grad_x, grad_weight)`` of ``out_s = sum(w x) / (sum(w) + eps)``:
     ``d out_s / d x_t = w_t / D_s`` and ``d out_s / d w_t = (x_t - out_s) / D_s``."""
@@ -377,7 +363,7 @@ def _segment_mean_weighted_backward(grad, x, cu_seqlens, weight, eps):
     w_dtype = x.dtype if weight is None else weight.dtype
     if grad.shape[0] == 0 or T == 0:
         return torch.zeros_like(x), torch.zeros(T, dtype=w_dtype, device=x.device)
-    seg, inside = _segment_ids(_clamped_offsets(cu_seqlens, T), T)
+    seg, _, inside = row_segments(clamped_offsets(cu_seqlens, T), T)
     g = torch.where(inside[:, None], (grad.to(acc) * inv[:, None])[seg], 0)
     grad_x = g * w[:, None]
     grad_w = (g * (x.to(acc) - mean[seg])).sum(-1)
@@ -386,12 +372,12 @@ def _segment_mean_weighted_backward(grad, x, cu_seqlens, weight, eps):
 
 def _segment_mean_backward(grad, cu_seqlens, T):
     acc = acc_dtype(grad.dtype)
-    offsets = _clamped_offsets(cu_seqlens, T)
+    offsets = clamped_offsets(cu_seqlens, T)
     count = (offsets[1:] - offsets[:-1]).clamp(min=1).to(acc)
     scaled = grad.to(acc) / count[:, None]
     if grad.shape[0] == 0:
         return torch.zeros(T, grad.shape[1], dtype=grad.dtype, device=grad.device)
-    seg, inside = _segment_ids(offsets, T)
+    seg, _, inside = row_segments(offsets, T)
     return torch.where(inside[:, None], scaled[seg], 0).to(grad.dtype)
 
 
@@ -532,6 +518,7 @@ def _attention_buckets(cu_q, cu_k):
     order = torch.argsort(key, stable=True)
     values, counts = torch.unique_consecutive(key[order], return_counts=True)
     groups, start = [], 0
+    # the one host read: each group's padded widths are tensor shapes, its size a slice bound
     for g, n in zip(values.tolist(), counts.tolist()):
         if g >= 0:
             groups.append((order[start : start + n], g >> 31, g & ((1 << 31) - 1)))
@@ -557,20 +544,19 @@ def _varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale):
     # one scratch row past the end receives every padded position
     out = torch.zeros(Tq + 1, H, D, dtype=acc, device=q.device)
     lse = torch.full((Tq + 1, H), -math.inf, dtype=acc, device=q.device)
-    if cu_q.numel() >= 2 and Tq > 0 and k.shape[0] > 0:
-        # offsets clamped to the buffers: bad offsets (validation off on CUDA) never index out of bounds
-        cu_q, cu_k = _clamped_offsets(cu_q, Tq), _clamped_offsets(cu_k, k.shape[0])
-        lq, lk, groups = _attention_buckets(cu_q, cu_k)
-        q, k, v = q.to(acc), k.to(acc), v.to(acc)
-        for segs, wq, wk in groups:
-            qi, q_real = _padded_rows(cu_q[segs], lq[segs], wq)
-            ki, k_real = _padded_rows(cu_k[segs], lk[segs], wk)
-            s = torch.einsum("gqhd,gkhd->ghqk", q[qi], k[ki]) * scale
-            s = s.masked_fill(~k_real[:, None, None, :], -math.inf)
-            o = torch.einsum("ghqk,gkhd->gqhd", torch.softmax(s, -1), v[ki])
-            dst = torch.where(q_real, qi, Tq)
-            out.index_put_((dst,), o)
-            lse.index_put_((dst,), torch.logsumexp(s, -1).transpose(1, 2))
+    # offsets clamped to the buffers: bad offsets (validation off on CUDA) never index out of bounds
+    cu_q, cu_k = clamped_offsets(cu_q, Tq), clamped_offsets(cu_k, k.shape[0])
+    lq, lk, groups = _attention_buckets(cu_q, cu_k)
+    q, k, v = q.to(acc), k.to(acc), v.to(acc)
+    for segs, wq, wk in groups:
+        qi, q_real = _padded_rows(cu_q[segs], lq[segs], wq)
+        ki, k_real = _padded_rows(cu_k[segs], lk[segs], wk)
+        s = torch.einsum("gqhd,gkhd->ghqk", q[qi], k[ki]) * scale
+        s = s.masked_fill(~k_real[:, None, None, :], -math.inf)
+        o = torch.einsum("ghqk,gkhd->gqhd", torch.softmax(s, -1), v[ki])
+        dst = torch.where(q_real, qi, Tq)
+        out.index_put_((dst,), o)
+        lse.index_put_((dst,), torch.logsumexp(s, -1).transpose(1, 2))
     return out[:Tq].to(dtype), lse[:Tq].t().contiguous()
 
 
@@ -586,27 +572,26 @@ def _varlen_attention_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q,
     dq = torch.zeros((Tq + 1,) + q.shape[1:], dtype=acc, device=q.device)
     dk = torch.zeros((Tk + 1,) + k.shape[1:], dtype=acc, device=q.device)
     dv = torch.zeros((Tk + 1,) + v.shape[1:], dtype=acc, device=q.device)
-    if cu_q.numel() >= 2 and Tq > 0 and Tk > 0:
-        cu_q, cu_k = _clamped_offsets(cu_q, Tq), _clamped_offsets(cu_k, Tk)
-        lq, lk, groups = _attention_buckets(cu_q, cu_k)
-        q, k, v, dout = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
-        delta = (dout * out.to(acc)).sum(-1)  # (Tq, H)
-        if dlse is not None:
-            delta = delta - dlse.t().to(acc)
-        row_stats = lse.t().to(acc)  # (Tq, H)
-        for segs, wq, wk in groups:
-            qi, q_real = _padded_rows(cu_q[segs], lq[segs], wq)
-            ki, k_real = _padded_rows(cu_k[segs], lk[segs], wk)
-            qs, ks, vs, dos = q[qi], k[ki], v[ki], dout[qi]
-            s = torch.einsum("gqhd,gkhd->ghqk", qs, ks) * scale
-            pair = q_real[:, None, :, None] & k_real[:, None, None, :]
-            p = torch.exp(s - row_stats[qi].transpose(1, 2)[..., None]).masked_fill(~pair, 0)
-            dp = torch.einsum("gqhd,gkhd->ghqk", dos, vs)
-            ds = p * (dp - delta[qi].transpose(1, 2)[..., None])
-            dq.index_put_((torch.where(q_real, qi, Tq),), torch.einsum("ghqk,gkhd->gqhd", ds, ks) * scale)
-            k_dst = (torch.where(k_real, ki, Tk),)
-            dk.index_put_(k_dst, torch.einsum("ghqk,gqhd->gkhd", ds, qs) * scale)
-            dv.index_put_(k_dst, torch.einsum("ghqk,gqhd->gkhd", p, dos))
+    cu_q, cu_k = clamped_offsets(cu_q, Tq), clamped_offsets(cu_k, Tk)
+    lq, lk, groups = _attention_buckets(cu_q, cu_k)
+    q, k, v, dout = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
+    delta = (dout * out.to(acc)).sum(-1)  # (Tq, H)
+    if dlse is not None:
+        delta = delta - dlse.t().to(acc)
+    row_stats = lse.t().to(acc)  # (Tq, H)
+    for segs, wq, wk in groups:
+        qi, q_real = _padded_rows(cu_q[segs], lq[segs], wq)
+        ki, k_real = _padded_rows(cu_k[segs], lk[segs], wk)
+        qs, ks, vs, dos = q[qi], k[ki], v[ki], dout[qi]
+        s = torch.einsum("gqhd,gkhd->ghqk", qs, ks) * scale
+        pair = q_real[:, None, :, None] & k_real[:, None, None, :]
+        p = torch.exp(s - row_stats[qi].transpose(1, 2)[..., None]).masked_fill(~pair, 0)
+        dp = torch.einsum("gqhd,gkhd->ghqk", dos, vs)
+        ds = p * (dp - delta[qi].transpose(1, 2)[..., None])
+        dq.index_put_((torch.where(q_real, qi, Tq),), torch.einsum("ghqk,gkhd->gqhd", ds, ks) * scale)
+        k_dst = (torch.where(k_real, ki, Tk),)
+        dk.index_put_(k_dst, torch.einsum("ghqk,gqhd->gkhd", ds, qs) * scale)
+        dv.index_put_(k_dst, torch.einsum("ghqk,gqhd->gkhd", p, dos))
     return dq[:Tq].to(dtype), dk[:Tk].to(dtype), dv[:Tk].to(dtype)
 
 
@@ -663,14 +648,10 @@ def density_delta(x, density, mask=None, densest_delta="column_max", tie_break="
     return _density_delta(x, density, mask, densest_delta, tie_break)
 
 
-def _bound(N, max_clusters, num_centers):
-    """The op-level M: ``num_centers`` when given, else ``max_clusters or N``."""
-    return num_centers or (N if max_clusters is None else max_clusters)
-
-
 def select_centers(score, threshold=0.5, min_clusters=8, max_clusters=None, mask=None, num_centers=None,
                    center_order="index"):
-    M = _bound(score.shape[-1], max_clusters, num_centers)
+    B, N = V.scores(score)
+    M = V.cluster_bound(N, max_clusters, num_centers, B)
     V.check_select_centers(score, threshold, min_clusters, M, mask, num_centers or 0, center_order)
     return _select_centers(score, mask, threshold, min_clusters, M, num_centers or 0, center_order)
 
@@ -682,22 +663,24 @@ def assign_to_centers(x, centers, num_clusters, mask=None, metric="euclidean"):
 
 def dpc_cluster(x, k=5, threshold=0.5, min_clusters=8, max_clusters=None, mask=None, densest_delta="column_max",
                 num_centers=None, center_order="index", tie_break="none"):
-    M = _bound(x.shape[1], max_clusters, num_centers)
+    B, N, _ = V.features(x)
+    M = V.cluster_bound(N, max_clusters, num_centers, B)
     args = (x, k, threshold, min_clusters, M, mask, densest_delta, num_centers or 0, center_order, tie_break)
     V.check_dpc_cluster(*args)
     return _dpc_cluster(*args)
 
 
 def pack_clusters(labels, num_clusters, max_clusters=None):
-    return _pack_clusters(labels, num_clusters, max_clusters or labels.shape[1])
+    B, N = V.cluster_labels(labels)
+    return _pack_clusters(labels, num_clusters, V.cluster_bound(N, max_clusters, None, B))
 
 
 def segment_mean(x, cu_seqlens, *, weight=None, eps=0.0):
     """Differentiable reference ``sum(w x) / (sum(w) + eps)`` per segment (plain autograd)."""
-    offsets = _clamped_offsets(cu_seqlens, x.shape[0])
+    offsets = clamped_offsets(cu_seqlens, x.shape[0])
     acc = acc_dtype(x.dtype)
     w = torch.ones(x.shape[0], dtype=acc, device=x.device) if weight is None else weight.to(acc)
-    seg, inside = _segment_ids(offsets, x.shape[0])
+    seg, _, inside = row_segments(offsets, x.shape[0])
     S = offsets.numel() - 1
     slot = torch.where(inside, seg, S)
     total = x.new_zeros(S + 1, x.shape[1], dtype=acc).index_add(0, slot, x.to(acc) * w[:, None])[:S]
@@ -708,8 +691,8 @@ def segment_mean(x, cu_seqlens, *, weight=None, eps=0.0):
 def merge_clusters(x, labels, num_clusters, max_clusters=None, *, weight=None, eps=0.0, centers=None,
                    center_weight=None):
     """Differentiable reference of :func:`setok_kernels.merge_clusters` (plain autograd)."""
-    B, N, C = x.shape
-    M = max_clusters or N
+    B, N, _ = V.features(x)
+    M = V.cluster_bound(N, max_clusters, None, B)
     acc = acc_dtype(x.dtype)
     if isinstance(center_weight, (int, float)):
         center_weight = torch.full((B, M), float(center_weight), dtype=acc, device=x.device)
@@ -720,8 +703,10 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k=None, max_seqlen_q=None
     """Differentiable reference attention (plain autograd over the bucketed math)."""
     cu_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    max_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if max_seqlen_q is None and cu_seqlens_q.numel() > 1 else (max_seqlen_q or 0)
-    max_k = int((cu_k[1:] - cu_k[:-1]).max()) if max_seqlen_k is None and cu_k.numel() > 1 else (max_seqlen_k or 0)
+    # the bucketed math needs no max length (it fills the backends' common signature): the static
+    # bounds stand in, as in setok_kernels.varlen_attention, without reading the offsets
+    max_q = q.shape[0] if max_seqlen_q is None else max_seqlen_q
+    max_k = k.shape[0] if max_seqlen_k is None else max_seqlen_k
     return _varlen_attention(q, k, v, cu_seqlens_q, cu_k, max_q, max_k, scale)[0]
 
 
@@ -750,8 +735,7 @@ def _register() -> None:
         "varlen_attention_backward": (_varlen_attention_backward, everything),
     }
     for op, (fn, dtypes) in table.items():
-        # last resort under "auto" on every device
-        register(Impl(op=op, name="reference", fn=fn, priority=100, devices=None, dtypes=dtypes))
+        register(Impl(op=op, name="reference", fn=fn, devices=None, dtypes=dtypes))
 
 
 _register()

@@ -25,8 +25,8 @@ nothing goes through global memory but q, k, v, dO in and O, dq, dk, dv out.
 
 Head dims: resident accumulators up to BLOCK_D, chunked beyond
 --------------------------------------------------------------
-When the head dim fits one ``BLOCK_D`` chunk (in 16-bit: up to 256 in the
-forward, 64 in the backward, as far as registers go without spilling), the
+When the head dim fits one ``BLOCK_D`` chunk (in 16-bit: up to 128 in the
+forward, 64 in the backward on sm_90, as far as registers go without spilling), the
 output accumulator (and dq, or dk and dv) stays in registers across walk
 blocks: flash-attention proper. A (64, 2048) fp32 accumulator fits nowhere on
 chip, so for larger head dims scores are accumulated over ``BLOCK_D`` chunks
@@ -76,23 +76,15 @@ torch does (``torch.backends.cuda.matmul.allow_tf32 = True``, e.g. via
 
 from __future__ import annotations
 
-import math
-import os
 from typing import Optional
 
 import torch
 
+from . import _arch
 from ._backends import CallInfo, Impl, register
-from .reference import acc_dtype
+from ._triton import INTERPRETING, MISSING, device_reason, pow2, tl, triton
+from ._segments import acc_dtype
 
-try:
-    import triton
-    import triton.language as tl
-
-    _IMPORT_ERROR: Optional[str] = None
-except Exception as exc:  # triton is optional: register with the reason instead
-    triton = tl = None
-    _IMPORT_ERROR = f"triton is not importable ({type(exc).__name__}: {exc})"
 
 __all__ = ["attention_forward", "attention_backward", "configs", "gpu_configs", "INTERPRETER_CONFIG"]
 
@@ -100,57 +92,96 @@ _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # ------------------------------------------------------------------ launch configurations
-# (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) per kernel and (dtype class,
-# head-dim bucket: D <= 64, 128, 256, larger); triton.autotune picks among them
-# on the GPU, keyed on the head dim, the matmul precision and the dtypes.
-# Every entry compiles for sm_90 with no register spill (the compile proof,
-# `python -m setok_kernels.info --compile sm_90`), 16-bit ones with HGMMA;
-# registers per thread in the comments, as counted before the non-finite
-# isolation (module doc), which costs up to ~20 more. Candidates that spilled
-# were dropped (a resident 128-wide dq or dk/dv accumulator, 64x64 tiles with
-# 4 warps at D >= 256, and after the isolation the 64x128 fwd/dq tiles and the
-# 64-wide dk/dv chunks at D <= 128). The reasons:
-# - BLOCK_M (query rows per tile) is 64 or 128 in 16-bit: sm_90's wgmma works on
+# (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) per architecture family
+# (``_arch.family``), kernel and (dtype class, head-dim bucket: D <= 64, 128, 256,
+# larger); triton.autotune picks among them on the GPU, keyed on the head dim, the
+# matmul precision and the dtypes. Every entry compiles with no register spill on its
+# family under triton 3.6 and 3.9 (the compile proof, `python -m setok_kernels.info
+# --compile sm_80 sm_90`); sm_90's 16-bit ones with HGMMA. Max registers per thread
+# (sm_90, triton 3.9) in the comments. The reasons:
+# - BLOCK_M (query rows per tile) is 64 or 128 in 16-bit on sm_90: wgmma works on
 #   64-row warpgroup tiles, and a 32-row tile compiles to mma.sync.
 # - the walk block (BLOCK_N in fwd/dq, BLOCK_M in dk/dv) is twice the own block
 #   where registers allow: own rows + about two short segments fit in one walk
 #   block, so tiles of short segments never touch a workspace (module doc).
 # - BLOCK_D = the whole (padded) head dim where the accumulators then fit in
-#   registers (forward up to 256, dq up to 64, dk/dv up to 64 in 16-bit);
-#   beyond, 32/64/128-wide chunks.
+#   registers (sm_90: forward up to 128, dq and dk/dv up to 64 in 16-bit); beyond,
+#   32/64/128-wide chunks.
 # - fp32 runs IEEE FMA dots (no tensor cores, so no 64-row constraint) whose
 #   operands live in registers: 16-32-wide chunks.
+# sm_90, dropped because they spill: a resident 256-wide forward (64x64x256: 20-56 B),
+# the 64x128 forward with 128-wide chunks at D >= 512 (80-152 B), the 128x128 dq at
+# D = 64 (8 B under triton 3.6), 128-row dk/dv walks at D <= 32 (12-72 B) and the
+# 4-warp 64x64x32 dk/dv (44 B).
 _F16_FWD = {
-    64: [(128, 128, 64, 8, 2), (64, 64, 64, 4, 2)],  # 234, 158
-    128: [(64, 64, 128, 4, 2)],  # 228
-    256: [(64, 64, 256, 8, 1), (64, 128, 128, 8, 2), (64, 128, 64, 8, 2)],  # 254, 236, 218
-    512: [(64, 128, 64, 8, 2), (64, 128, 128, 8, 2)],  # 216, 250
+    64: [(128, 128, 64, 8, 2), (64, 64, 64, 4, 2)],  # 224, 168
+    128: [(64, 64, 128, 4, 2)],  # 254
+    256: [(64, 128, 128, 8, 2), (64, 128, 64, 8, 2)],  # 246, 230
+    512: [(64, 128, 64, 8, 2)],  # 230
 }
 _F16_DQ = {
-    64: [(128, 128, 64, 8, 2), (64, 64, 64, 4, 2)],  # 209, 168
-    128: [(64, 128, 64, 8, 2), (64, 64, 64, 4, 2)],  # 228, 232
-    256: [(64, 128, 64, 8, 2), (64, 64, 128, 8, 2)],  # 234, 224
-    512: [(64, 128, 64, 8, 2), (64, 64, 64, 8, 2)],  # 232, 180
+    64: [(64, 64, 64, 4, 2)],  # 180
+    128: [(64, 128, 64, 8, 2), (64, 64, 64, 4, 2)],  # 234, 238
+    256: [(64, 128, 64, 8, 2), (64, 64, 128, 8, 2)],  # 247, 245
+    512: [(64, 128, 64, 8, 2), (64, 64, 64, 8, 2)],  # 245, 191
 }
 # dk/dv: BLOCK_N keys own, BLOCK_M query rows walked; two accumulators.
 _F16_DKDV = {
-    64: [(128, 64, 32, 8, 2)],
-    128: [(128, 64, 32, 8, 2)],  # 238
-    256: [(128, 64, 32, 8, 2), (64, 64, 64, 8, 2)],  # 238, 230
-    512: [(128, 64, 32, 8, 2), (64, 64, 64, 8, 2), (64, 64, 32, 4, 2)],  # 236, 225, 238
+    64: [(64, 64, 32, 8, 2)],  # 207
+    128: [(128, 64, 32, 8, 2)],  # 254
+    256: [(128, 64, 32, 8, 2), (64, 64, 64, 8, 2)],  # 250, 255
+    512: [(128, 64, 32, 8, 2), (64, 64, 64, 8, 2)],  # 250, 255
 }
-_F32_FWD = [(32, 64, 32, 4, 2), (64, 64, 32, 8, 2)]  # 152-156, 151-182 (spills 8 B resident at D <= 32)
-_F32_DQ = [(64, 64, 16, 8, 2)]  # 190-194
-_F32_DKDV = [(64, 64, 16, 8, 2)]  # 192-204
-_FWD = {**{("16", b): c for b, c in _F16_FWD.items()}, **{("32", b): _F32_FWD for b in _F16_FWD}}
-_FWD[("32", 64)] = _F32_FWD[:1]
-_DQ = {**{("16", b): c for b, c in _F16_DQ.items()}, **{("32", b): _F32_DQ for b in _F16_DQ}}
-_DKDV = {**{("16", b): c for b, c in _F16_DKDV.items()}, **{("32", b): _F32_DKDV for b in _F16_DKDV}}
+_F32_FWD = [(32, 64, 32, 4, 2), (64, 64, 32, 8, 2)]  # 168-255, 177-184
+_F32_DQ = [(64, 64, 16, 8, 2)]  # 213-255
+_F32_DKDV = [(64, 64, 16, 8, 2)]  # 211-255
+
+
+def _table(f16: dict, f32: list, f32_small: Optional[list] = None) -> dict:
+    table = {**{("16", b): c for b, c in f16.items()}, **{("32", b): f32 for b in f16}}
+    if f32_small is not None:
+        table[("32", 64)] = f32_small
+    return table
+
+
+# sm_80 (mma.sync: every warp holds its operand fragments in registers) spills in
+# most sm_90 entries (68-1272 B at 255 registers). Kept: 64-row own blocks with
+# 32-wide (dq) or 16-wide (dk/dv) chunks, 4 warps for 64x64 tiles, 8 for wider ones;
+# measured spill-free under triton 3.9 and 3.6 (max registers, triton 3.9).
+_F16_FWD_80 = {
+    64: [(64, 64, 32, 8, 2)],  # 192 (64x64x64 with 4 or 8 warps: 12-16 B under triton 3.6)
+    128: [(64, 64, 64, 8, 2), (64, 128, 64, 8, 2)],  # 226, 255
+    256: [(64, 64, 64, 8, 2), (64, 128, 32, 8, 2)],  # 226, 255
+    512: [(64, 64, 64, 8, 2), (64, 128, 32, 8, 2)],  # 221, 255
+}
+_F16_DQ_80 = {
+    64: [(64, 64, 32, 4, 2)],  # 239
+    128: [(64, 128, 32, 8, 2), (64, 64, 32, 4, 2)],  # 245, 254
+    256: [(64, 128, 32, 8, 2), (64, 64, 64, 8, 2)],  # 244, 255
+    512: [(64, 128, 32, 8, 2), (64, 64, 64, 8, 2)],  # 239, 255
+}
+# dk/dv: 16-wide chunks; a 128-row walk spills 248-296 B where D = 16 is resident, so D <= 64 walks 64
+_F16_DKDV_80 = {b: [(128, 64, 16, 8, 2), (64, 64, 16, 8, 2)] for b in (128, 256, 512)}  # 210, 222
+_F16_DKDV_80[64] = [(64, 64, 16, 8, 2)]  # 224
+_TABLES = {
+    90: {
+        "fwd": _table(_F16_FWD, _F32_FWD, _F32_FWD[:1]),
+        "dq": _table(_F16_DQ, _F32_DQ),
+        # fp32 64x64 dk/dv spills 8 B at D = 16 under triton 3.6: 32x32 tiles there
+        "dkdv": _table(_F16_DKDV, _F32_DKDV, [(32, 32, 16, 4, 2)]),
+    },
+    80: {
+        # fp32: the 32x64 forward spills 8 B at D = 16, the 64x64 one 16-20 B at D = 32-64
+        # (triton 3.6): 32x32 tiles up to D = 64 (168)
+        "fwd": _table(_F16_FWD_80, _F32_FWD[1:], [(32, 32, 16, 4, 2)]),
+        "dq": _table(_F16_DQ_80, _F32_DQ),
+        "dkdv": _table(_F16_DKDV_80, _F32_DKDV),
+    },
+}
 # Head dims that are not a multiple of 16 are zero-padded to one before launch
 # (attention_forward): unaligned rows get no vectorised loads and spill hundreds
 # of bytes in every config above (D = 72, sm_90), even with 32-wide chunks.
 _HEAD_DIM_ALIGN = 16
-_TABLES = {"fwd": _FWD, "dq": _DQ, "dkdv": _DKDV}
 # The interpreter runs one fixed config (autotuning there would time numpy):
 # 64-wide chunks, so head dims <= 64 take the resident path and larger ones the
 # chunked path, and segments over 64 tokens the multi-block path.
@@ -161,30 +192,34 @@ def _head_dim_bucket(head_dim: int) -> int:
     return min(512, max(64, 1 << (head_dim - 1).bit_length()))
 
 
-def gpu_configs(kernel: str, head_dim: int, dtype: torch.dtype) -> list[tuple[int, int, int, int, int]]:
-    """What the autotuner tries on a GPU for ``kernel`` ("fwd", "dq", "dkdv"), this
-    head dim and dtype, the design's first choice first."""
-    table = _TABLES[kernel][("32" if dtype in (torch.float32, torch.float64) else "16", _head_dim_bucket(head_dim))]
+def gpu_configs(kernel: str, head_dim: int, dtype: torch.dtype, family: int = 90) -> list[tuple[int, int, int, int, int]]:
+    """What the autotuner tries on a GPU of ``family`` (``_arch.family``: 90 or 80) for
+    ``kernel`` ("fwd", "dq", "dkdv"), this head dim and dtype, the design's first choice first."""
+    table = _TABLES[family][kernel][("32" if dtype in (torch.float32, torch.float64) else "16", _head_dim_bucket(head_dim))]
     return list(dict.fromkeys((bm, bn, min(bd, _pow2(head_dim)), w, s) for bm, bn, bd, w, s in table))
 
 
-def configs(kernel: str, head_dim: int, dtype: torch.dtype) -> list[tuple[int, int, int, int, int]]:
+def configs(kernel: str, head_dim: int, dtype: torch.dtype, family: int = 90) -> list[tuple[int, int, int, int, int]]:
     """The launch configurations ``kernel`` may take here: the fixed one in the interpreter."""
-    if _interpreting():
+    if INTERPRETING:
         bm, bn, bd, w, s = INTERPRETER_CONFIG
         return [(bm, bn, min(bd, _pow2(head_dim)), w, s)]
-    return gpu_configs(kernel, head_dim, dtype)
+    return gpu_configs(kernel, head_dim, dtype, family)
 
 
 def _pow2(n: int) -> int:
-    return max(16, 1 << (n - 1).bit_length())  # tl.dot needs every dim >= 16
+    return pow2(n, 16)  # tl.dot needs every dim >= 16
 
 
 if triton is not None:
     _LOG2E_T = tl.constexpr(_LOG2E)
 
     @triton.jit
-    def _dot(a, b, PRECISION: tl.constexpr):
+    def _dot(
+        a,
+        b,
+        PRECISION: tl.constexpr,
+    ):
         """Accumulating a @ b (fp32 for 16-bit and fp32 operands, fp64 for fp64).
         Triton's CPU interpreter multiplies bfloat16 operands wrongly (3.9), so
         there they are widened first: products of bf16 values are exact in fp32,
@@ -194,18 +229,33 @@ if triton is not None:
         return tl.dot(a, b, input_precision=PRECISION)
 
     @triton.jit
-    def _chunk(row_ptrs, ok, d0, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _chunk(
+        row_ptrs,
+        ok,
+        d0,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         """Columns ``[d0, d0 + BLOCK_D)`` of the rows at ``row_ptrs`` (0 outside)."""
         d = d0 + tl.arange(0, BLOCK_D)
         return tl.load(row_ptrs[:, None] + d[None, :], mask=ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
 
     @triton.jit
-    def _put(row_ptrs, ok, d0, value, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _put(
+        row_ptrs,
+        ok,
+        d0,
+        value,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         d = d0 + tl.arange(0, BLOCK_D)
         tl.store(row_ptrs[:, None] + d[None, :], value.to(row_ptrs.dtype.element_ty), mask=ok[:, None] & (d[None, :] < HEAD_DIM))
 
     @triton.jit
-    def _finite_rows(x):
+    def _finite_rows(
+        x,
+    ):
         """``x`` with its non-finite values zeroed, and per row 1 where it had one.
         For a dot operand whose rows are the axis the dot sums over: they pair
         with other segments' rows at weight 0, and ``0 * NaN`` is NaN. The flag
@@ -214,12 +264,19 @@ if triton is not None:
         return tl.where(finite, x, 0.0), tl.max(tl.where(finite, 0, 1), axis=1)
 
     @triton.jit
-    def _nan_if(flag):
+    def _nan_if(
+        flag,
+    ):
         """NaN where ``flag`` (of _finite_rows) is set, else 0: added to a weight."""
         return tl.where(flag > 0, float("nan"), 0.0)
 
     @triton.jit
-    def _segment_of(cu_ptr, rows, S, SEARCH_STEPS: tl.constexpr):
+    def _segment_of(
+        cu_ptr,
+        rows,
+        S,
+        SEARCH_STEPS: tl.constexpr,
+    ):
         """Per row, the s in [0, S] with cu[s] <= row < cu[s + 1] (S past the end), by
         binary search. The bound is a constexpr: a loop bounded by a kernel argument
         breaks triton 3.6's interpreter with numpy >= 2.4."""
@@ -235,7 +292,15 @@ if triton is not None:
         return lo
 
     @triton.jit
-    def _partner_range(cu_own, cu_other, rows, n_own, n_other, S, SEARCH_STEPS: tl.constexpr):
+    def _partner_range(
+        cu_own,
+        cu_other,
+        rows,
+        n_own,
+        n_other,
+        S,
+        SEARCH_STEPS: tl.constexpr,
+    ):
         """For each row of one side (q or k), the row range ``[begin, end)`` of the
         other side in its segment; empty for rows outside every segment. Clamped
         to the tensors, so malformed offsets (validation off) stay in bounds."""
@@ -250,14 +315,31 @@ if triton is not None:
         return tl.where(inside, begin, 0), tl.where(inside, end, 0)
 
     @triton.jit
-    def _tile_span(begin, end, n_other, BLOCK: tl.constexpr):
+    def _tile_span(
+        begin,
+        end,
+        n_other,
+        BLOCK: tl.constexpr,
+    ):
         """Start and block count of the union of the rows' partner ranges."""
         lo = tl.min(tl.where(end > begin, begin, n_other), axis=0)
         hi = tl.max(end, axis=0)
         return lo, tl.cdiv(tl.maximum(hi - lo, 0), BLOCK)
 
     @triton.jit
-    def _accumulate(part, carry, ws_ptrs, ok, out_ptrs, d0, block, n_blocks, out_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _accumulate(
+        part,
+        carry,
+        ws_ptrs,
+        ok,
+        out_ptrs,
+        d0,
+        block,
+        n_blocks,
+        out_scale,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         """Chunked head dims: adds the running sum of earlier walk blocks (workspace
         rows of this program, times ``carry``) to this block's ``part``; the last
         block writes ``out_scale * sum`` as output, the others the workspace."""
@@ -269,8 +351,21 @@ if triton is not None:
             _put(ws_ptrs, ok, d0, part, HEAD_DIM, BLOCK_D)
 
     @triton.jit
-    def _products(a_rows, a_ok, b_rows, b_ok, c_rows, c_ok, e_rows, e_ok,
-                  TWO: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    def _products(
+        a_rows,
+        a_ok,
+        b_rows,
+        b_ok,
+        c_rows,
+        c_ok,
+        e_rows,
+        e_ok,
+        TWO: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        ACC: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         """``a @ b^T`` (and ``c @ e^T`` when TWO) over the head dim, chunk by chunk, and
         the _finite_rows flags of b's (and e's) rows."""
         x = tl.zeros((a_rows.shape[0], b_rows.shape[0]), ACC)
@@ -289,11 +384,35 @@ if triton is not None:
 
     @triton.jit
     def _fwd_kernel(
-        Q, K, V, Out, Ws, Lse, CuQ, CuK, Scales,
-        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_wt, stride_wh,
-        Tq, Tk, S,
-        HEAD_DIM: tl.constexpr, SEARCH_STEPS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        Q,
+        K,
+        V,
+        Out,
+        Ws,
+        Lse,
+        CuQ,
+        CuK,
+        Scales,
+        stride_qt,
+        stride_qh,
+        stride_kt,
+        stride_kh,
+        stride_vt,
+        stride_vh,
+        stride_ot,
+        stride_oh,
+        stride_wt,
+        stride_wh,
+        Tq,
+        Tk,
+        S,
+        HEAD_DIM: tl.constexpr,
+        SEARCH_STEPS: tl.constexpr,
+        ACC: tl.constexpr,
+        PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         h = tl.program_id(1)
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -354,8 +473,20 @@ if triton is not None:
 
     @triton.jit
     def _bwd_preprocess_kernel(
-        Out, DOut, DLse, Delta, stride_ot, stride_oh, stride_dt, stride_dh, Tq,
-        HEAD_DIM: tl.constexpr, HAS_DLSE: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+        Out,
+        DOut,
+        DLse,
+        Delta,
+        stride_ot,
+        stride_oh,
+        stride_dt,
+        stride_dh,
+        Tq,
+        HEAD_DIM: tl.constexpr,
+        HAS_DLSE: tl.constexpr,
+        ACC: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         """delta[h, i] = sum_d dO[i, h, d] * O[i, h, d] - dlse[h, i]: the one per-row
         term of dS = P * (dP - delta), lse gradient included."""
@@ -375,7 +506,13 @@ if triton is not None:
         tl.store(Delta + h * Tq + rows, acc, mask=ok)
 
     @triton.jit
-    def _row_stats(Lse, Delta, h, rows, Tq):
+    def _row_stats(
+        Lse,
+        Delta,
+        h,
+        rows,
+        Tq,
+    ):
         """Per query row: lse in base 2 (0 for rows without keys: they match no key) and delta."""
         ok = rows < Tq
         lse = tl.load(Lse + h * Tq + rows, mask=ok, other=0.0)
@@ -385,12 +522,39 @@ if triton is not None:
 
     @triton.jit
     def _bwd_dq_kernel(
-        Q, K, V, DOut, DQ, Ws, Lse, Delta, CuQ, CuK, Scales,
-        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dt, stride_dh,
-        stride_gt, stride_gh, stride_wt, stride_wh,
-        Tq, Tk, S,
-        HEAD_DIM: tl.constexpr, SEARCH_STEPS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        Q,
+        K,
+        V,
+        DOut,
+        DQ,
+        Ws,
+        Lse,
+        Delta,
+        CuQ,
+        CuK,
+        Scales,
+        stride_qt,
+        stride_qh,
+        stride_kt,
+        stride_kh,
+        stride_vt,
+        stride_vh,
+        stride_dt,
+        stride_dh,
+        stride_gt,
+        stride_gh,
+        stride_wt,
+        stride_wh,
+        Tq,
+        Tk,
+        S,
+        HEAD_DIM: tl.constexpr,
+        SEARCH_STEPS: tl.constexpr,
+        ACC: tl.constexpr,
+        PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         """One program per BLOCK_M query rows: dq = scale * dS @ K over their keys."""
         h = tl.program_id(1)
@@ -444,12 +608,45 @@ if triton is not None:
 
     @triton.jit
     def _bwd_dkdv_kernel(
-        Q, K, V, DOut, DK, DV, WsK, WsV, Lse, Delta, CuQ, CuK, Scales,
-        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dt, stride_dh,
-        stride_gkt, stride_gkh, stride_gvt, stride_gvh, stride_wkt, stride_wkh, stride_wvt, stride_wvh,
-        Tq, Tk, S,
-        HEAD_DIM: tl.constexpr, SEARCH_STEPS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        Q,
+        K,
+        V,
+        DOut,
+        DK,
+        DV,
+        WsK,
+        WsV,
+        Lse,
+        Delta,
+        CuQ,
+        CuK,
+        Scales,
+        stride_qt,
+        stride_qh,
+        stride_kt,
+        stride_kh,
+        stride_vt,
+        stride_vh,
+        stride_dt,
+        stride_dh,
+        stride_gkt,
+        stride_gkh,
+        stride_gvt,
+        stride_gvh,
+        stride_wkt,
+        stride_wkh,
+        stride_wvt,
+        stride_wvh,
+        Tq,
+        Tk,
+        S,
+        HEAD_DIM: tl.constexpr,
+        SEARCH_STEPS: tl.constexpr,
+        ACC: tl.constexpr,
+        PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         """One program per BLOCK_N keys: dv = P^T @ dO, dk = scale * dS^T @ Q over
         the query rows of their segments (transposed tiles: keys x queries)."""
@@ -518,34 +715,37 @@ if triton is not None:
                 _put(gk_rows, col_ok, d0, tl.zeros((BLOCK_N, BLOCK_D), ACC), HEAD_DIM, BLOCK_D)
                 _put(gv_rows, col_ok, d0, tl.zeros((BLOCK_N, BLOCK_D), ACC), HEAD_DIM, BLOCK_D)
 
-    def _tuned(kernel, name: str):
-        """``kernel`` autotuned over ``configs(name, ...)``, keyed on the head dim and
-        matmul precision (and, as triton does for every tensor argument, the dtypes)."""
-        every = sorted({c for table in _TABLES[name].values() for c in table})
+    def _tuned(kernel, name: str, family: int):
+        """``kernel`` autotuned over ``configs(name, ..., family)``, keyed on the head dim and
+        matmul precision (and, as triton does for every tensor argument, the dtypes); one
+        autotuner per architecture family, so that a cached choice never crosses families."""
+        every = sorted({c for table in _TABLES[family][name].values() for c in table})
         candidates = [
             triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd), num_warps=w, num_stages=s) for bm, bn, bd, w, s in every
         ]
 
         def prune(configs_, named_args, **kwargs):
             head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
-            wanted = configs(name, head_dim, named_args["Q"].dtype)
+            wanted = configs(name, head_dim, named_args["Q"].dtype, family)
             return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd), num_warps=w, num_stages=s) for bm, bn, bd, w, s in wanted]
 
         return triton.autotune(configs=candidates, key=["HEAD_DIM", "PRECISION"], prune_configs_by=dict(early_config_prune=prune))(kernel)
 
-    _FWD_TUNED = _tuned(_fwd_kernel, "fwd")
-    _DQ_TUNED = _tuned(_bwd_dq_kernel, "dq")
-    _DKDV_TUNED = _tuned(_bwd_dkdv_kernel, "dkdv")
+    _TUNED = {
+        (name, family): _tuned(kernel, name, family)
+        for name, kernel in (("fwd", _fwd_kernel), ("dq", _bwd_dq_kernel), ("dkdv", _bwd_dkdv_kernel))
+        for family in _arch.FAMILIES
+    }
 
 
-def _launch(kernel, tuned, name: str, own: str, rows: int, H: int, args, head_dim: int, dtype: torch.dtype, **constexprs):
-    """The autotuned kernel on a GPU; in the interpreter the one fixed config."""
+def _launch(kernel, name: str, own: str, rows: int, H: int, args, head_dim: int, dtype: torch.dtype, **constexprs):
+    """The autotuned kernel of the device's architecture family on a GPU; in the interpreter the one fixed config."""
     grid = lambda meta: (triton.cdiv(rows, meta[own]), H)  # noqa: E731
-    if _interpreting():
+    if INTERPRETING:
         bm, bn, bd, _, _ = configs(name, head_dim, dtype)[0]
         kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **constexprs)
     else:
-        tuned[grid](*args, **constexprs)
+        _TUNED[name, _arch.family(args[0].device)][grid](*args, **constexprs)
 
 
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
@@ -568,12 +768,12 @@ def _workspace(out: torch.Tensor, kernel: str) -> torch.Tensor:
     the output itself when it is in the accumulation dtype or when every config
     keeps the head dim resident. Each program uses only its own rows."""
     acc = acc_dtype(out.dtype)
-    chunked = any(bd < out.shape[-1] for _, _, bd, _, _ in configs(kernel, out.shape[-1], out.dtype))
+    chunked = any(bd < out.shape[-1] for _, _, bd, _, _ in configs(kernel, out.shape[-1], out.dtype, _arch.family(out.device)))
     return torch.empty(out.shape, dtype=acc, device=out.device) if chunked and out.dtype != acc else out
 
 
 def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.bfloat16 and _interpreting():
+    if dtype == torch.bfloat16 and INTERPRETING:
         return "bf16-interpreter"
     if dtype == torch.float32:
         return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
@@ -606,10 +806,6 @@ def attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale):
     Tk, S = k.shape[0], cu_q.numel() - 1
     out = torch.empty_like(q)
     lse = torch.empty(H, Tq, dtype=acc_dtype(q.dtype), device=q.device)
-    if Tq == 0 or H == 0:
-        return out, lse
-    if S <= 0 or Tk == 0 or D == 0:
-        return out.zero_(), lse.fill_(-math.inf)
     ws = _workspace(out, "fwd")
     c = _common(q, S, scale)
     args = (
@@ -617,7 +813,7 @@ def attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale):
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), ws.stride(0), ws.stride(1), Tq, Tk, S,
     )
-    _launch(_fwd_kernel, _FWD_TUNED, "fwd", "BLOCK_M", Tq, H, args, D, q.dtype, **c["constexprs"])
+    _launch(_fwd_kernel, "fwd", "BLOCK_M", Tq, H, args, D, q.dtype, **c["constexprs"])
     return out, lse
 
 
@@ -634,10 +830,6 @@ def attention_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 
     Tq, H, D = q.shape
     Tk, S = k.shape[0], cu_q.numel() - 1
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    if H == 0 or D == 0:
-        return dq, dk, dv
-    if S <= 0 or Tq == 0 or Tk == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
     c = _common(q, S, scale)
     cx = c["constexprs"]
     delta = torch.empty(H, Tq, dtype=acc_dtype(q.dtype), device=q.device)
@@ -653,7 +845,7 @@ def attention_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
         dq.stride(0), dq.stride(1), ws_q.stride(0), ws_q.stride(1), Tq, Tk, S,
     )
-    _launch(_bwd_dq_kernel, _DQ_TUNED, "dq", "BLOCK_M", Tq, H, args, D, q.dtype, **cx)
+    _launch(_bwd_dq_kernel, "dq", "BLOCK_M", Tq, H, args, D, q.dtype, **cx)
     ws_k, ws_v = _workspace(dk, "dkdv"), _workspace(dv, "dkdv")
     args = (
         q, k, v, dout, dk, dv, ws_k, ws_v, lse, delta, cu_q, cu_k, c["scales"],
@@ -661,7 +853,7 @@ def attention_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), ws_k.stride(0), ws_k.stride(1), ws_v.stride(0), ws_v.stride(1),
         Tq, Tk, S,
     )
-    _launch(_bwd_dkdv_kernel, _DKDV_TUNED, "dkdv", "BLOCK_N", Tk, H, args, D, q.dtype, **cx)
+    _launch(_bwd_dkdv_kernel, "dkdv", "BLOCK_N", Tk, H, args, D, q.dtype, **cx)
     return dq, dk, dv
 
 
@@ -669,23 +861,9 @@ def attention_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 
 
 
 def _check(call: CallInfo) -> Optional[str]:
-    if call.device.type == "cpu" and not _interpreting():
-        return "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)"
     if call.dtype == torch.float64 and call.device.type != "cpu":
         return "float64 runs in the Triton interpreter only (CPU tensors)"
-    return None
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _priority(call: CallInfo) -> int:
-    """Auto order on CUDA (unmeasured on GPU, see attention_backends): first for
-    head dims above flash-attn's 256 and for fp32; after flash-attn and torch's
-    flash kernel for 16-bit inputs with D <= 256."""
-    D = call.extra.get("head_dim", 0)
-    return 5 if D > 256 or call.dtype == torch.float32 else 30
+    return device_reason(call)
 
 
 for _op, _fn in (("varlen_attention", attention_forward), ("varlen_attention_backward", attention_backward)):
@@ -694,12 +872,10 @@ for _op, _fn in (("varlen_attention", attention_forward), ("varlen_attention_bac
             op=_op,
             name="triton",
             fn=_fn,
-            priority=30,
-            priority_for_call=_priority,
             devices=("cuda", "cpu"),
             dtypes=_DTYPES,
             auto_devices=("cuda",),
-            available=lambda: _IMPORT_ERROR,
+            available=lambda: MISSING,
             check=_check,
         )
     )

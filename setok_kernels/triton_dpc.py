@@ -1,7 +1,10 @@
 """Triton kernels of the DPC-kNN family: density, delta, centres, assignment.
 
-No kernel writes an N x N matrix (except ``pairwise_distance``, the debugging
-op whose output is that matrix). Every pass streams column tiles of scaled
+Images whose B x N x N distance matrix fits a memory budget take the Gram
+path instead (``dpc_gram.py``: the matrix once, then row passes over it, with
+this module's distance tile and EXACT launches). Here no kernel writes an N x N
+matrix (except ``pairwise_distance``, the debugging op whose output is that
+matrix). Every pass streams column tiles of scaled
 squared distances ``d2 = (|a_i|^2 + |a_j|^2 - 2 a_i.a_j) / C`` computed with
 ``tl.dot`` (fp32 accumulation), clamped at 0 and set to exactly 0 on the
 diagonal, on centred and scaled features ``a = (x - mean) / s``:
@@ -86,51 +89,33 @@ data; near-ties in density within the certified tolerance may resolve
 differently (tests bound both). float64 is declined (no float64 tensor-core
 path; the reference is exact).
 
-Floor (COMPUTED from peak rates, NOT measured; no GPU was available): the two
-full distance passes cost 2 x 2*B*N^2*C FLOPs. tf32x3 issues three tf32
-products per product, so the rate is a third of the H100 SXM dense tf32 rate
-(~495 TFLOP/s): ~165 TFLOP/s; reading x costs B*N*C*(bytes) over 3.35 TB/s.
-- B=32, N=729, C=1152: 7.84e10 FLOP -> 475 us; x read (bf16) 53.7 MB -> 16 us
-  per read (stats, norms, two passes, assignment). Compute-bound: ~0.5 ms.
-- B=1, N=16384, C=1024: 1.10e12 FLOP -> 6.7 ms. Compute-bound.
-(A single 16-bit product pass would be 6x faster but rounds the centred
-features to 16 bits; splitting them into two 16-bit halves, three bf16 dots,
-would halve the tf32x3 cost at ~2^-16 relative error: not done.) The k-list
-updates (min/max reductions on CUDA cores) are extra work outside this
-floor, as are certification's three near-empty EXACT launches (launch
-latency) and a runner-up reduction per tile. Block sizes below are fixed
-choices for H100 (64 x 64 tiles, 32-wide C chunks), not tuned on hardware.
+Cost: each of the two streaming passes (density, delta) computes every
+distance, 2*B*N^2*C FLOPs, as three tf32 products per product; the k-list
+updates (min/max on CUDA cores), a runner-up reduction per tile and the
+three near-empty EXACT launches come on top. The bytes/FLOPs model per
+kernel and the H200 time it implies are in ``benchmarks/bench_dpc.py``;
+measurements in ``benchmarks/RESULTS.md``. Block sizes (``_TILES``: per
+architecture family, 64 x 64 tiles, 16- or 32-wide C chunks) are the ones
+that compile without register spills on that family.
 """
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple, Optional
 
 import torch
 
+from . import _arch
 from ._backends import CallInfo, Impl, register
+from ._triton import INTERPRETING, MISSING, device_reason, pow2, tl, triton
+from ._triton import jit as _jit
 from .reference import _select_centers as _reference_select
 from .reference import column_max_cap, image_scale, order_centers_by_score, score_of
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError as exc:  # every Impl below reports this reason
-    triton = tl = None
-    _TRITON_MISSING: Optional[str] = f"triton cannot be imported ({exc})"
-
-    def _jit(fn):  # kernels are never launched without triton
-        return fn
-
-else:
-    _TRITON_MISSING = None
-    _jit = triton.jit
-
-# Triton decides at decoration time whether kernels run in its interpreter.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
 MAX_K = 128  # the per-row k-nearest list is held in registers
+# warps of the channel-statistics kernels (this one and dpc_gram's, which must sum in the same
+# order): with 4, dpc_gram's float64 mean spills 16 B on sm_90 (fp16, C = 32, masked; triton 3.9)
+STATS_WARPS = 8
 # one program holds an image's scores: 16384 spills under triton 3.6 (16 or 32 warps); above, torch ranks them
 MAX_SELECT_N = 8192
 _INF = float("inf")
@@ -152,7 +137,12 @@ KNN_TOL = tl.constexpr(2.0**-4) if tl is not None else 2.0**-4
 
 
 @_jit
-def _real_tokens(mask_img, idx, N, HAS_MASK: tl.constexpr):
+def _real_tokens(
+    mask_img,
+    idx,
+    N,
+    HAS_MASK: tl.constexpr,
+):
     """In range and not masked out."""
     ok = idx < N
     if HAS_MASK:
@@ -162,8 +152,20 @@ def _real_tokens(mask_img, idx, N, HAS_MASK: tl.constexpr):
 
 @_jit
 def _dot_tile(
-    x_img, shift_img, inv_s, rows, cols, row_ok, col_ok, stride_n, stride_c, C: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr,
+    x_img,
+    shift_img,
+    inv_s,
+    rows,
+    cols,
+    row_ok,
+    col_ok,
+    stride_n,
+    stride_c,
+    C: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """(BLOCK_M, BLOCK_N) fp32 dot products a_i.a_j of the centred, scaled tokens ``a = x / s - shift``."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -184,8 +186,23 @@ def _dot_tile(
 
 @_jit
 def _sq_dist_tile(
-    x_img, shift_img, inv_s, rows, cols, row_ok, col_ok, nrm_r, nrm_c, stride_n, stride_c, C: tl.constexpr, inv_c,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr,
+    x_img,
+    shift_img,
+    inv_s,
+    rows,
+    cols,
+    row_ok,
+    col_ok,
+    nrm_r,
+    nrm_c,
+    stride_n,
+    stride_c,
+    C: tl.constexpr,
+    inv_c,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    PRECISION: tl.constexpr,
     EXACT: tl.constexpr,
 ):
     """(BLOCK_M, BLOCK_N) fp32 squared distances / C between token sets, in units of s^2.
@@ -209,8 +226,19 @@ def _sq_dist_tile(
 
 @_jit
 def _exact_tile(
-    x_img, inv_s, rows, cols, row_ok, col_ok, stride_n, stride_c, C: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, DOT: tl.constexpr,
+    x_img,
+    inv_s,
+    rows,
+    cols,
+    row_ok,
+    col_ok,
+    stride_n,
+    stride_c,
+    C: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """(BLOCK_M, BLOCK_N) fp32 sums over channels of ``(a_i - a_j)^2`` (or ``a_i * a_j`` with DOT), ``a = x / s``.
 
@@ -236,8 +264,18 @@ def _exact_tile(
 
 @_jit
 def _channel_stats_kernel(
-    x_ptr, mask_ptr, sum_ptr, amax_ptr, N, C: tl.constexpr, stride_b, stride_n, stride_c,
-    HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr,
+    mask_ptr,
+    sum_ptr,
+    amax_ptr,
+    N,
+    C: tl.constexpr,
+    stride_b,
+    stride_n,
+    stride_c,
+    HAS_MASK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """Per (image, channel): sum (float64) and largest |x| over the real tokens."""
     b = tl.program_id(1).to(tl.int64)
@@ -260,8 +298,19 @@ def _channel_stats_kernel(
 
 @_jit
 def _sq_norms_kernel(
-    x_ptr, mask_ptr, shift_ptr, inv_ptr, out_ptr, N, C: tl.constexpr, stride_b, stride_n, stride_c,
-    HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr,
+    mask_ptr,
+    shift_ptr,
+    inv_ptr,
+    out_ptr,
+    N,
+    C: tl.constexpr,
+    stride_b,
+    stride_n,
+    stride_c,
+    HAS_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     b = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -280,7 +329,12 @@ def _sq_norms_kernel(
 
 
 @_jit
-def _merge_smallest(knn, d2, BLOCK_N: tl.constexpr, K_PAD: tl.constexpr):
+def _merge_smallest(
+    knn,
+    d2,
+    BLOCK_N: tl.constexpr,
+    K_PAD: tl.constexpr,
+):
     """Swap the tile's smallest values into each row's k-list while they beat its largest.
 
     ``knn`` holds a row's k current candidates (slots past k are -inf: never
@@ -306,7 +360,13 @@ def _merge_smallest(knn, d2, BLOCK_N: tl.constexpr, K_PAD: tl.constexpr):
 
 
 @_jit
-def _rows_to_redo(unsure_ptr, rows, row_ok, N, EXACT: tl.constexpr):
+def _rows_to_redo(
+    unsure_ptr,
+    rows,
+    row_ok,
+    N,
+    EXACT: tl.constexpr,
+):
     """EXACT launch: the rows the norm-trick launch could not certify, and the column bound (0: none here)."""
     if EXACT:
         todo = row_ok & (tl.load(unsure_ptr + rows, mask=rows < N, other=0) != 0)
@@ -319,10 +379,29 @@ def _rows_to_redo(unsure_ptr, rows, row_ok, N, EXACT: tl.constexpr):
 
 @_jit
 def _knn_density_kernel(
-    x_ptr, nrm_ptr, nmax_ptr, mask_ptr, shift_ptr, scale_ptr, inv_ptr, k_ptr, out_ptr, unsure_ptr, N,
-    C: tl.constexpr, inv_c, stride_b, stride_n, stride_c,
-    HAS_MASK: tl.constexpr, K_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr, PRECISION: tl.constexpr, EXACT: tl.constexpr,
+    x_ptr,
+    nrm_ptr,
+    nmax_ptr,
+    mask_ptr,
+    shift_ptr,
+    scale_ptr,
+    inv_ptr,
+    k_ptr,
+    out_ptr,
+    unsure_ptr,
+    N,
+    C: tl.constexpr,
+    inv_c,
+    stride_b,
+    stride_n,
+    stride_c,
+    HAS_MASK: tl.constexpr,
+    K_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    PRECISION: tl.constexpr,
+    EXACT: tl.constexpr,
 ):
     b = tl.program_id(1).to(tl.int64)
     x_img = x_ptr + b * stride_b
@@ -375,11 +454,30 @@ def _knn_density_kernel(
 
 @_jit
 def _delta_kernel(
-    x_ptr, nrm_ptr, nmax_ptr, mask_ptr, shift_ptr, scale_ptr, inv_ptr, dens_ptr, parent_ptr, far_ptr, unsure_ptr, N,
-    C: tl.constexpr, inv_c,
-    stride_b, stride_n, stride_c,
-    HAS_MASK: tl.constexpr, TIE_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr, PRECISION: tl.constexpr, EXACT: tl.constexpr,
+    x_ptr,
+    nrm_ptr,
+    nmax_ptr,
+    mask_ptr,
+    shift_ptr,
+    scale_ptr,
+    inv_ptr,
+    dens_ptr,
+    parent_ptr,
+    far_ptr,
+    unsure_ptr,
+    N,
+    C: tl.constexpr,
+    inv_c,
+    stride_b,
+    stride_n,
+    stride_c,
+    HAS_MASK: tl.constexpr,
+    TIE_INDEX: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    PRECISION: tl.constexpr,
+    EXACT: tl.constexpr,
 ):
     b = tl.program_id(1).to(tl.int64)
     x_img = x_ptr + b * stride_b
@@ -436,8 +534,19 @@ def _delta_kernel(
 
 @_jit
 def _parent_distance_kernel(
-    x_ptr, parent_ptr, inv_ptr, scale_ptr, out_ptr, N, C: tl.constexpr, inv_c, stride_b, stride_n, stride_c,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr,
+    parent_ptr,
+    inv_ptr,
+    scale_ptr,
+    out_ptr,
+    N,
+    C: tl.constexpr,
+    inv_c,
+    stride_b,
+    stride_n,
+    stride_c,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """Exact distance to the parent, from differences (inf without one): a duplicate is at exactly 0."""
     b = tl.program_id(1).to(tl.int64)
@@ -461,10 +570,30 @@ def _parent_distance_kernel(
 
 @_jit
 def _assign_kernel(
-    x_ptr, nrm_ptr, nmax_ptr, mask_ptr, shift_ptr, inv_ptr, centers_ptr, num_ptr, labels_ptr, unsure_ptr, N,
-    C: tl.constexpr, M, inv_c, stride_b, stride_n, stride_c,
-    HAS_MASK: tl.constexpr, COSINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr, PRECISION: tl.constexpr, EXACT: tl.constexpr,
+    x_ptr,
+    nrm_ptr,
+    nmax_ptr,
+    mask_ptr,
+    shift_ptr,
+    inv_ptr,
+    centers_ptr,
+    num_ptr,
+    labels_ptr,
+    unsure_ptr,
+    N,
+    C: tl.constexpr,
+    M,
+    inv_c,
+    stride_b,
+    stride_n,
+    stride_c,
+    HAS_MASK: tl.constexpr,
+    COSINE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    PRECISION: tl.constexpr,
+    EXACT: tl.constexpr,
 ):
     b = tl.program_id(1).to(tl.int64)
     x_img = x_ptr + b * stride_b
@@ -532,9 +661,23 @@ def _assign_kernel(
 
 @_jit
 def _pairwise_distance_kernel(
-    x_ptr, nrm_ptr, mask_ptr, shift_ptr, scale_ptr, inv_ptr, out_ptr, N, C: tl.constexpr, inv_c,
-    stride_b, stride_n, stride_c,
-    HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr,
+    nrm_ptr,
+    mask_ptr,
+    shift_ptr,
+    scale_ptr,
+    inv_ptr,
+    out_ptr,
+    N,
+    C: tl.constexpr,
+    inv_c,
+    stride_b,
+    stride_n,
+    stride_c,
+    HAS_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     b = tl.program_id(2).to(tl.int64)
@@ -554,8 +697,17 @@ def _pairwise_distance_kernel(
 
 @_jit
 def _select_centers_kernel(
-    score_ptr, mask_ptr, centers_ptr, num_ptr, N, M, threshold, min_clusters, num_centers,
-    HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
+    score_ptr,
+    mask_ptr,
+    centers_ptr,
+    num_ptr,
+    N,
+    M,
+    threshold,
+    min_clusters,
+    num_centers,
+    HAS_MASK: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     idx = tl.arange(0, BLOCK)
@@ -600,30 +752,67 @@ def _select_centers_kernel(
 # ----------------------------------------------------------------- host side
 
 
-def _config() -> dict:
-    """Fixed tiles for H100: 64 x 64 distance tiles, 32-wide C chunks of fp32 (centred) values.
+# Launch configs per architecture family (``_arch.family``: 90 = sm_90's wgmma, 80 =
+# mma.sync, every other GPU). Fixed choices, not tuned on hardware; each compiles with
+# no register spill under triton 3.6 and 3.9 for every (kernel, dtype, mask, C, k-list
+# width) the dispatcher launches (the compile proof, `python -m setok_kernels.info
+# --compile sm_80 sm_90`). Keys: (input element bytes, k-list wider than 64).
+# - norm-trick passes: 64 x 64 distance tiles, 8 warps, C in 32-wide chunks of
+#   16-bit input (16-wide of fp32: the same 64 bytes a row per stage). A k-list of
+#   K_PAD = 128 shares the registers with the tile: 32 rows, and then 32-wide chunks
+#   (16-wide ones spill 4-24 B there on both families, a ptxas register-allocation
+#   artefact at 128 registers).
+#   sm_90: 32-wide fp32 chunks spill 20 B under triton 3.6 (C = 100, masked).
+#   sm_80: the mma.sync operand fragments of 32-wide chunks spill 24-264 B in every
+#   pass (8 warps, 3 or 2 stages; 4 warps spill more): 16-wide chunks, 2 stages
+#   (3 spill 28 B in the 16-bit assignment under triton 3.6).
+_TILES = {
+    90: {
+        (2, False): dict(BLOCK_M=64, BLOCK_N=64, BLOCK_C=32, num_warps=8, num_stages=3),
+        (4, False): dict(BLOCK_M=64, BLOCK_N=64, BLOCK_C=16, num_warps=8, num_stages=3),
+        (2, True): dict(BLOCK_M=32, BLOCK_N=64, BLOCK_C=32, num_warps=8, num_stages=3),
+        (4, True): dict(BLOCK_M=32, BLOCK_N=64, BLOCK_C=32, num_warps=8, num_stages=3),
+    },
+    80: {
+        (2, False): dict(BLOCK_M=64, BLOCK_N=64, BLOCK_C=16, num_warps=8, num_stages=2),
+        (4, False): dict(BLOCK_M=64, BLOCK_N=64, BLOCK_C=16, num_warps=8, num_stages=2),
+        (2, True): dict(BLOCK_M=32, BLOCK_N=64, BLOCK_C=32, num_warps=8, num_stages=3),
+        (4, True): dict(BLOCK_M=32, BLOCK_N=64, BLOCK_C=32, num_warps=8, num_stages=3),
+    },
+}
+# - the certified (EXACT) launch: 16 x 16 x 4 difference tiles on CUDA cores, one warp
+#   (most programs exit at once). With 2 or 4 warps, or 32-row/32-column/8-channel
+#   tiles, ptxas spills 4-20 B (at 56-96 registers) in some configs on one family or
+#   triton version or another; one warp spills in none (at most 168 registers).
+_EXACT_TILES = {family: dict(BLOCK_M=16, BLOCK_N=16, BLOCK_C=4, num_warps=1, num_stages=1) for family in (80, 90)}
+# The interpreter (CPU tensors) runs sm_90's 16-bit tiles whatever the dtype: the test
+# suite's cost depends on them, and warps and stages mean nothing there.
+_INTERPRETER_TILES = _TILES[90]
 
-    8 warps: compiled for sm_90 (no GPU), ptxas reports no register spills for
-    the fp32 passes (with 4 warps they spill).
-    """
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_C=32, PRECISION="tf32x3", num_warps=8, num_stages=3)
+
+def _config(device: Optional[torch.device] = None, dtype: torch.dtype = torch.float16, k_pad: int = 0) -> dict:
+    """The norm-trick launch's tiles for features of ``dtype`` on ``device`` (None: sm_90), with a k-list of ``k_pad``."""
+    if INTERPRETING:
+        tile = _INTERPRETER_TILES[2, k_pad > 64]
+    else:
+        family = 90 if device is None else _arch.family(device)
+        tile = _TILES[family][4 if dtype.itemsize >= 4 else 2, k_pad > 64]
+    return dict(tile, PRECISION="tf32x3")
 
 
-def _exact_config() -> dict:
-    """The certified (EXACT) launch: 16 x 16 x 4 difference tiles on CUDA cores; most programs exit at once.
-
-    Compiled for sm_90: no spills under triton 3.9; under 3.6 one config (fp32, C=16, K_PAD=4) spills
-    4 B. Wider tiles (32 rows, 32 columns or 8 channels) or 2/8 warps spill 4-12 B in more configs.
-    """
-    return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_C=4, PRECISION="tf32x3", num_warps=4, num_stages=1)
+def _exact_config(device: Optional[torch.device] = None) -> dict:
+    """The certified (EXACT) launch's tiles on ``device`` (None: sm_90); most of its programs exit at once."""
+    family = 90 if device is None else _arch.family(device)
+    return dict(_EXACT_TILES[family], PRECISION="tf32x3")
 
 
-def _twice(kernel, B: int, N: int, args: tuple, **kw) -> None:
+def _twice(kernel, B: int, N: int, args: tuple, exact_only: bool = False, **kw) -> None:
     """The norm-trick launch (writes every row, flags in ``unsure`` the rows it cannot certify), then
-    the EXACT launch, whose programs redo the flagged rows of their block (read on the device) or exit."""
-    for exact, cfg in ((False, _config()), (True, _exact_config())):
-        if kw.get("K_PAD", 0) > 64 and not exact:  # the k-list shares registers with the tile: half the rows
-            cfg["BLOCK_M"] //= 2
+    the EXACT launch, whose programs redo the flagged rows of their block (read on the device) or exit.
+    ``exact_only``: the caller (``dpc_gram``) has written the rows and flags itself."""
+    x = args[0]
+    configs = ((False, _config(x.device, x.dtype, kw.get("K_PAD", 0))), (True, _exact_config(x.device)))
+    for exact, cfg in configs[exact_only:]:
         kernel[_grid(N, B, cfg["BLOCK_M"])](*args, EXACT=exact, **kw, **cfg)
 
 
@@ -649,11 +838,12 @@ class _Prepared(NamedTuple):
 def _prepare(x, mask, centre=True):
     B, N, C = x.shape
     mask_t, has_mask = _mask_arg(x, mask)
-    block_c = min(64, triton.next_power_of_2(C))
+    block_c = min(64, pow2(C))
     csum = torch.empty(B, C, dtype=torch.float64, device=x.device)
     camax = torch.empty(B, C, dtype=torch.float32, device=x.device)
     _channel_stats_kernel[(triton.cdiv(C, block_c), B)](
-        x, mask_t, csum, camax, N, C, *x.stride(), HAS_MASK=has_mask, BLOCK_N=32, BLOCK_C=block_c
+        x, mask_t, csum, camax, N, C, *x.stride(), HAS_MASK=has_mask, BLOCK_N=32, BLOCK_C=block_c,
+        num_warps=STATS_WARPS,
     )
     scale, inv = image_scale(camax.amax(1))
     if centre:
@@ -680,7 +870,7 @@ def _knn_density_prepared(x, k, mask, p: _Prepared):
     density = torch.empty(B, N, dtype=torch.float32, device=x.device)
     unsure = torch.empty(B, N, dtype=torch.int8, device=x.device)
     args = (x, p.norms, p.nmax, p.mask_t, p.shift, p.scale, p.inv, k_img, density, unsure, N, C, 1.0 / C, *x.stride())
-    _twice(_knn_density_kernel, B, N, args, HAS_MASK=p.has_mask, K_PAD=max(2, triton.next_power_of_2(k)))
+    _twice(_knn_density_kernel, B, N, args, HAS_MASK=p.has_mask, K_PAD=pow2(k, 2))
     return density
 
 
@@ -697,7 +887,7 @@ def _density_delta_prepared(x, density, mask, densest_delta, tie_break, p: _Prep
     # the parent was chosen on norm-trick distances; its distance is recomputed exactly
     _parent_distance_kernel[_grid(N, B, 32)](
         x, parent, p.inv, p.scale, delta, N, C, 1.0 / C, *x.stride(),
-        BLOCK_M=32, BLOCK_C=min(64, triton.next_power_of_2(C)),
+        BLOCK_M=32, BLOCK_C=min(64, pow2(C)),
     )
     valid = mask if mask is not None else torch.ones(B, N, dtype=torch.bool, device=x.device)
     if densest_delta == "column_max":
@@ -727,7 +917,7 @@ def _select_centers(score, mask, threshold, min_clusters, max_clusters, num_cent
     mask_t, has_mask = _mask_arg(score, mask)
     centers = torch.empty(B, M, dtype=torch.int64, device=score.device)
     num = torch.empty(B, dtype=torch.int64, device=score.device)
-    block = max(16, triton.next_power_of_2(N))
+    block = pow2(N, 16)
     score32 = score.to(torch.float32).contiguous()
     _select_centers_kernel[(B,)](
         score32, mask_t, centers, num, N, M, float(threshold), min_clusters, num_centers,
@@ -738,13 +928,23 @@ def _select_centers(score, mask, threshold, min_clusters, max_clusters, num_cent
     return centers, num
 
 
-# fns with the backend signatures of ops.py
+# fns with the backend signatures of ops.py; small images take the Gram path (dpc_gram.py)
+
+
+def _gram():
+    from . import dpc_gram  # imports this module
+
+    return dpc_gram
+
+
+def _use_gram(x) -> bool:
+    return _gram().use_gram(x)
 
 
 def _pairwise_distance(x, mask):
     B, N, C = x.shape
     p = _prepare(x, mask)
-    cfg = _config()
+    cfg = _config(x.device, x.dtype)
     out = torch.empty(B, N, N, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), B)
     _pairwise_distance_kernel[grid](
@@ -754,10 +954,14 @@ def _pairwise_distance(x, mask):
 
 
 def _knn_density(x, k, mask):
+    if _use_gram(x):
+        return _gram().knn_density(x, k, mask)
     return _knn_density_prepared(x, k, mask, _prepare(x, mask))
 
 
 def _density_delta(x, density, mask, densest_delta, tie_break):
+    if _use_gram(x):
+        return _gram().density_delta(x, density, mask, densest_delta, tie_break)
     return _density_delta_prepared(x, density, mask, densest_delta, tie_break, _prepare(x, mask))
 
 
@@ -768,6 +972,9 @@ def _assign_to_centers(x, centers, num_clusters, mask, metric):
 
 def _dpc_cluster(x, k, threshold, min_clusters, max_clusters, mask, densest_delta, num_centers, center_order,
                  tie_break):
+    if _use_gram(x):
+        return _gram().dpc_cluster(x, k, threshold, min_clusters, max_clusters, mask, densest_delta, num_centers,
+                                   center_order, tie_break)
     p = _prepare(x, mask)  # shared by the three passes
     density = _knn_density_prepared(x, k, mask, p)
     delta, parent = _density_delta_prepared(x, density, mask, densest_delta, tie_break, p)
@@ -781,15 +988,13 @@ def _dpc_cluster(x, k, threshold, min_clusters, max_clusters, mask, densest_delt
 
 
 def _available() -> Optional[str]:
-    return _TRITON_MISSING
+    return MISSING
 
 
 def _check_device_dtype(call: CallInfo) -> Optional[str]:
     if call.dtype == torch.float64:
         return "float64: tl.dot has no float64 tensor-core path; the reference computes float64 exactly"
-    if call.device.type == "cpu" and not _INTERPRET:
-        return "CPU tensors run only in Triton's interpreter: set TRITON_INTERPRET=1 before importing setok_kernels"
-    return None
+    return device_reason(call)
 
 
 def _check_k(call: CallInfo) -> Optional[str]:
@@ -814,7 +1019,7 @@ def _register() -> None:
     for op, (fn, check) in table.items():
         register(
             Impl(
-                op=op, name="triton", fn=fn, priority=10, devices=("cuda", "cpu"), dtypes=dtypes,
+                op=op, name="triton", fn=fn, devices=("cuda", "cpu"), dtypes=dtypes,
                 auto_devices=("cuda",), supports_grad=False, available=_available, check=check,
             )
         )

@@ -17,31 +17,58 @@ interpreter (``TRITON_INTERPRET=1``), for tests.
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 
-from ._backends import CallInfo, Impl, register
+from ._backends import Impl, register
 from .reference import acc_dtype
-from .triton_dpc import _INTERPRET, _TRITON_MISSING, _jit, tl, triton
+from ._triton import MISSING, device_reason, tl, triton
+from ._triton import jit as _jit
 
 _BLOCK_N = 32
 _BLOCK_C = 128
 
 
+def _slot_warps(x: torch.Tensor) -> int:
+    """Warps of ``_merge_slots_kernel``: a float64 (32 x 128) member tile spills 4 B with 4 (sm_90,
+    triton 3.9; 168 registers); 8 halve it (no spill on sm_80 or sm_90, triton 3.6 or 3.9)."""
+    return 8 if x.dtype == torch.float64 else 4
+
+
 @_jit
-def _both(a, b):
+def _both(
+    a,
+    b,
+):
     """``a & b`` as booleans: Triton's interpreter turns a bool tensor & a bool scalar into integers."""
     return (a & b) != 0
 
 
 @_jit
 def _merge_slots_kernel(
-    x_ptr, labels_ptr, num_ptr, w_ptr, centers_ptr, blend_ptr, eps_ptr,
-    tokens_ptr, counts_ptr, wsum_ptr, mean_ptr, coef_ptr, others_ptr, centre_slot_ptr,
-    N, M, C,
-    HAS_W: tl.constexpr, BLEND: tl.constexpr, STATS: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr,
+    labels_ptr,
+    num_ptr,
+    w_ptr,
+    centers_ptr,
+    blend_ptr,
+    eps_ptr,
+    tokens_ptr,
+    counts_ptr,
+    wsum_ptr,
+    mean_ptr,
+    coef_ptr,
+    others_ptr,
+    centre_slot_ptr,
+    N,
+    M,
+    C,
+    HAS_W: tl.constexpr,
+    BLEND: tl.constexpr,
+    STATS: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     q = tl.program_id(0).to(tl.int64)
     b = q // M
@@ -107,10 +134,28 @@ def _merge_slots_kernel(
 
 @_jit
 def _merge_tokens_backward_kernel(
-    grad_ptr, gws_ptr, x_ptr, labels_ptr, num_ptr, w_ptr, centers_ptr, blend_ptr,
-    mean_ptr, coef_ptr, others_ptr, centre_slot_ptr, grad_x_ptr, grad_w_ptr, grad_a_ptr,
-    N, M, C,
-    HAS_W: tl.constexpr, BLEND: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+    grad_ptr,
+    gws_ptr,
+    x_ptr,
+    labels_ptr,
+    num_ptr,
+    w_ptr,
+    centers_ptr,
+    blend_ptr,
+    mean_ptr,
+    coef_ptr,
+    others_ptr,
+    centre_slot_ptr,
+    grad_x_ptr,
+    grad_w_ptr,
+    grad_a_ptr,
+    N,
+    M,
+    C,
+    HAS_W: tl.constexpr,
+    BLEND: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     b = t // N
@@ -186,6 +231,7 @@ def _merge_clusters(x, labels, num_clusters, max_clusters, weight, eps, centers,
         _merge_slots_kernel[(B * M, triton.cdiv(C, _BLOCK_C))](
             x, labels, num, w, c, a, torch.full((1,), eps, dtype=acc, device=x.device), tokens, counts, weight_sum, None, None, None, None, N, M, C,
             HAS_W=w is not None, BLEND=a is not None, STATS=False, ACC=_acc(x), BLOCK_N=_BLOCK_N, BLOCK_C=_BLOCK_C,
+            num_warps=_slot_warps(x),
         )
     return tokens, key_mask, counts, weight_sum
 
@@ -210,7 +256,7 @@ def _merge_clusters_backward(grad_tokens, grad_weight_sum, x, labels, num_cluste
         flags = dict(HAS_W=w is not None, BLEND=a is not None, ACC=_acc(x), BLOCK_C=_BLOCK_C)
         _merge_slots_kernel[(B * M, triton.cdiv(C, _BLOCK_C))](
             x, labels, num, w, c, a, torch.full((1,), eps, dtype=acc, device=dev), None, None, None, mean, coef, others, centre_slot, N, M, C,
-            STATS=True, BLOCK_N=_BLOCK_N, **flags,
+            STATS=True, BLOCK_N=_BLOCK_N, num_warps=_slot_warps(x), **flags,
         )
         _merge_tokens_backward_kernel[(B * N,)](
             grad, gws, x, labels, num, w, c, a, mean, coef, others, centre_slot, grad_x, grad_w, grad_a, N, M, C,
@@ -221,19 +267,13 @@ def _merge_clusters_backward(grad_tokens, grad_weight_sum, x, labels, num_cluste
     return grad_x, grad_w.to(w_dtype), grad_a.to(a_dtype)
 
 
-def _check(call: CallInfo) -> Optional[str]:
-    if call.device.type == "cpu" and not _INTERPRET:
-        return "CPU tensors run only in Triton's interpreter: set TRITON_INTERPRET=1 before importing setok_kernels"
-    return None
-
-
 def _register() -> None:
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     for op, fn in (("merge_clusters", _merge_clusters), ("merge_clusters_backward", _merge_clusters_backward)):
         register(
             Impl(
-                op=op, name="triton", fn=fn, priority=10, devices=("cuda", "cpu"), dtypes=dtypes,
-                auto_devices=("cuda",), available=lambda: _TRITON_MISSING, check=_check,
+                op=op, name="triton", fn=fn, devices=("cuda", "cpu"), dtypes=dtypes,
+                auto_devices=("cuda",), available=lambda: MISSING, check=device_reason,
             )
         )
 

@@ -1,7 +1,7 @@
 """SeTok / SETOKIM models on top of the setok_kernels ops.
 
 Everything is batched and ragged: the tokens of a batch are packed rows with
-int32 offsets (``cu_tokens``), and every attention over them runs through
+int32 offsets (``cu_clusters``), and every attention over them runs through
 ``setok_kernels.varlen_attention``. ``SetokimForCausalLM`` needs the optional
 ``transformers`` package (imported on first use).
 """

@@ -2,14 +2,46 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
+import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from setok_kernels import _validation as V
+
+
+def renamed(**old_to_new: str):
+    """Accept each old keyword argument for one release, with a DeprecationWarning
+    (the project's names are in docs/NAMES.md)."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            for old, new in old_to_new.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"{fn.__qualname__}() got {old!r} and its new name {new!r}: pass {new!r} only")
+                    warnings.warn(f"{fn.__qualname__}(): {old!r} is deprecated, use {new!r}", DeprecationWarning, stacklevel=2)
+                    kwargs[new] = kwargs.pop(old)
+            return fn(*args, **kwargs)
+
+        return call
+
+    return wrap
+
+
+def deprecated_field(new: str, old: str) -> property:
+    """A read-only alias ``old`` of the field ``new`` of a result type, for one release."""
+
+    def get(self):
+        warnings.warn(f"{type(self).__name__}.{old} is deprecated, use .{new}", DeprecationWarning, stacklevel=2)
+        return getattr(self, new)
+
+    return property(get, doc=f"Deprecated alias of ``{new}``.")
 
 
 def count(v, arg: str, minimum: int = 1) -> int:
@@ -87,8 +119,8 @@ def _like_weights(x: Tensor, module: nn.Module, arg: str) -> None:
         )
 
 
-def packed_tokens(tokens, cu_tokens, module: nn.Module, channels: int) -> int:
-    """Packed ``tokens (S, channels)`` with offsets ``cu_tokens (B+1,)``; returns B."""
+def packed_tokens(tokens, cu_clusters, module: nn.Module, channels: int) -> int:
+    """Packed ``tokens (S, channels)`` with offsets ``cu_clusters (B+1,)``; returns B."""
     if not isinstance(tokens, Tensor):
         raise TypeError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
     if tokens.dim() != 2 or tokens.shape[-1] != channels:
@@ -96,4 +128,4 @@ def packed_tokens(tokens, cu_tokens, module: nn.Module, channels: int) -> int:
     if not tokens.is_floating_point():
         raise V.DTypeError(f"tokens must be a floating tensor, got {tokens.dtype}")
     _like_weights(tokens, module, "tokens")
-    return V.offsets(cu_tokens, "cu_tokens", tokens, "tokens")
+    return V.offsets(cu_clusters, "cu_clusters", tokens, "tokens")

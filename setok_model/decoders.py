@@ -22,9 +22,9 @@ def image_offsets(B: int, n: int, device) -> Tensor:
     return torch.arange(0, (B + 1) * n, n, dtype=torch.int32, device=device)
 
 
-def tokens_per_image(tokens: Tensor, cu_tokens: Tensor, max_tokens: Optional[int]) -> int:
+def cluster_slots(tokens: Tensor, cu_clusters: Tensor, max_clusters: Optional[int]) -> int:
     """The static bound M; SeTokOutput packs ``B*M`` rows, so ``S // B`` by default."""
-    return max_tokens if max_tokens is not None else tokens.shape[0] // max(1, cu_tokens.numel() - 1)
+    return max_clusters if max_clusters is not None else tokens.shape[0] // max(1, cu_clusters.numel() - 1)
 
 
 class _CrossLayer(nn.Module):
@@ -76,24 +76,26 @@ class SeTokDetokenizer(nn.Module):
         self.norm = nn.LayerNorm(hidden_dim)
         self.head = nn.Linear(hidden_dim, out_dim)
 
-    def forward(self, tokens: Tensor, cu_tokens: Tensor, max_tokens: Optional[int] = None) -> Tensor:
-        """Packed ``tokens (S, D)`` with ``cu_tokens (B+1,)`` -> ``(B, h*w, out_dim)``."""
-        B = _checks.packed_tokens(tokens, cu_tokens, self, self.token_proj.in_features)
+    @_checks.renamed(cu_tokens="cu_clusters", max_tokens="max_clusters")
+    def forward(self, tokens: Tensor, cu_clusters: Tensor, max_clusters: Optional[int] = None) -> Tensor:
+        """Packed ``tokens (S, D)`` with ``cu_clusters (B+1,)`` -> ``(B, h*w, out_dim)``."""
+        B = _checks.packed_tokens(tokens, cu_clusters, self, self.token_proj.in_features)
         P = self.queries.shape[0]
         context = self.context_norm(self.token_proj(tokens))
         x = self.queries.repeat(B, 1)
         cu_q = image_offsets(B, P, tokens.device)
-        max_k = tokens_per_image(tokens, cu_tokens, max_tokens)
+        max_k = cluster_slots(tokens, cu_clusters, max_clusters)
         for layer in self.layers:
-            x = layer(x, context, cu_q, cu_tokens, P, max_k)
+            x = layer(x, context, cu_q, cu_clusters, P, max_k)
         return self.head(self.norm(x)).view(B, P, self.head.out_features)
 
 
-def cluster_masks(labels: Tensor, max_tokens: int, grid: tuple[int, int]) -> Tensor:
-    """``(B, M, h, w)`` float: patch n belongs to token m (a self-supervised mask target)."""
+@_checks.renamed(max_tokens="max_clusters")
+def cluster_masks(labels: Tensor, max_clusters: int, grid: tuple[int, int]) -> Tensor:
+    """``(B, M, h, w)`` float: patch n belongs to cluster (= token) m (a self-supervised mask target)."""
     B, N = labels.shape
-    onehot = labels[:, None, :] == torch.arange(max_tokens, device=labels.device)[None, :, None]
-    return onehot.view(B, max_tokens, *grid).float()
+    onehot = labels[:, None, :] == torch.arange(max_clusters, device=labels.device)[None, :, None]
+    return onehot.view(B, max_clusters, *grid).float()
 
 
 class MaskDecoder(nn.Module):
@@ -112,28 +114,29 @@ class MaskDecoder(nn.Module):
         self.layers = nn.ModuleList(_CrossLayer(dim, num_heads, 4 * dim, False, dropout) for _ in range(num_layers))
         self.token_head = Mlp(dim, dim)
 
+    @_checks.renamed(cu_tokens="cu_clusters", max_tokens="max_clusters")
     def forward(
         self,
         tokens: Tensor,
-        cu_tokens: Tensor,
+        cu_clusters: Tensor,
         features: Tensor,
         grid: Optional[tuple[int, int]] = None,
-        max_tokens: Optional[int] = None,
+        max_clusters: Optional[int] = None,
         image_size: Optional[tuple[int, int]] = None,
     ) -> tuple[Tensor, Tensor]:
         """-> ``(logits (B, M, h, w) or (B, M, H, W) with image_size, key_mask (B, M))``."""
         B, N, _ = _checks.features(features, self, self.feature_proj.in_features)
-        if _checks.packed_tokens(tokens, cu_tokens, self, self.token_proj.in_features) != B:
-            raise ValueError(f"cu_tokens must have B + 1 = {B + 1} offsets for the {B} images of features, got {cu_tokens.numel()}")
+        if _checks.packed_tokens(tokens, cu_clusters, self, self.token_proj.in_features) != B:
+            raise ValueError(f"cu_clusters must have B + 1 = {B + 1} offsets for the {B} images of features, got {cu_clusters.numel()}")
         grid = _checks.grid(N, grid)
-        M = tokens_per_image(tokens, cu_tokens, max_tokens)
+        M = cluster_slots(tokens, cu_clusters, max_clusters)
         patches = self.feature_norm(self.feature_proj(features))
         x = self.token_proj(tokens)
         flat = patches.flatten(0, 1)
-        cu_patches = image_offsets(B, N, features.device)
+        cu_seqlens_k = image_offsets(B, N, features.device)
         for layer in self.layers:
-            x = layer(x, flat, cu_tokens, cu_patches, M, N)
-        queries, key_mask = setok_kernels.pad_segments(self.token_head(x), cu_tokens, M)
+            x = layer(x, flat, cu_clusters, cu_seqlens_k, M, N)
+        queries, key_mask = setok_kernels.pad_segments(self.token_head(x), cu_clusters, M)
         logits = torch.einsum("bmc,bnc->bmn", queries, patches) / math.sqrt(patches.shape[-1])
         logits = logits.view(B, M, *grid)
         if image_size is not None:

@@ -12,6 +12,8 @@ from torch import Tensor, nn
 
 import setok_kernels
 
+from . import _checks
+
 __all__ = [
     "patchify",
     "unpatchify",
@@ -66,9 +68,10 @@ def mask_loss(logits: Tensor, target: Tensor, key_mask: Tensor, dice_weight: flo
     return ((bce + dice_weight * dice) * real).sum() / count
 
 
-def pool_tokens(tokens: Tensor, cu_tokens: Tensor) -> Tensor:
+@_checks.renamed(cu_tokens="cu_clusters")
+def pool_tokens(tokens: Tensor, cu_clusters: Tensor) -> Tensor:
     """``(B, D)``: the mean of each image's tokens (0 for an image without tokens)."""
-    return setok_kernels.segment_mean(tokens, cu_tokens)
+    return setok_kernels.segment_mean(tokens, cu_clusters)
 
 
 class _AllGather(torch.autograd.Function):

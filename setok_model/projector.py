@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 import setok_kernels
 
+from . import _checks
 from .layers import Mlp
 from .tokenizer import SeTokConfig, SeTokOutput, SeTokTokenizer
 
@@ -22,15 +23,20 @@ class ProjectorOutput:
 
     ``embeds (B, M, W)`` with ``mask (B, M)`` (True for real tokens, padding
     zeros); ``packed (B*M, W)`` with image b's rows at
-    ``cu_seqlens[b]:cu_seqlens[b+1]`` (rows past ``cu_seqlens[-1]`` zeros).
+    ``cu_clusters[b]:cu_clusters[b+1]`` (rows past ``cu_clusters[-1]`` zeros).
+    ``cu_seqlens`` and ``num_tokens`` are deprecated names of ``cu_clusters``
+    and ``num_clusters``.
     """
 
     embeds: Tensor
     mask: Tensor
     packed: Tensor
-    cu_seqlens: Tensor
-    num_tokens: Tensor
+    cu_clusters: Tensor
+    num_clusters: Tensor
     tokenizer_output: SeTokOutput
+
+    cu_seqlens = _checks.deprecated_field("cu_clusters", "cu_seqlens")
+    num_tokens = _checks.deprecated_field("num_clusters", "num_tokens")
 
 
 class SeTokProjector(nn.Module):
@@ -57,7 +63,7 @@ class SeTokProjector(nn.Module):
     def forward(self, features: Tensor, mask: Optional[Tensor] = None, grid: Optional[tuple[int, int]] = None) -> ProjectorOutput:
         out = self.tokenizer(features, mask, grid)
         packed = self.projector(out.tokens)
-        real = torch.arange(packed.shape[0], device=packed.device) < out.cu_tokens[-1]
+        real = torch.arange(packed.shape[0], device=packed.device) < out.cu_clusters[-1]
         packed = torch.where(real[:, None], packed, torch.zeros((), dtype=packed.dtype, device=packed.device))
-        embeds, key_mask = setok_kernels.pad_segments(packed, out.cu_tokens, out.max_tokens)
-        return ProjectorOutput(embeds, key_mask, packed, out.cu_tokens, out.num_tokens, out)
+        embeds, key_mask = setok_kernels.pad_segments(packed, out.cu_clusters, out.max_clusters)
+        return ProjectorOutput(embeds, key_mask, packed, out.cu_clusters, out.num_clusters, out)

@@ -79,7 +79,7 @@ class SetokimForCausalLM(nn.Module):
 
         # where each input token lands: a placeholder widens to its image's token count
         image_of = (is_image.flatten().cumsum(0) - 1).clamp(min=0).view(B, L)
-        width = torch.where(is_image, visual.num_tokens[image_of], real.long())
+        width = torch.where(is_image, visual.num_clusters[image_of], real.long())
         end = width.cumsum(1)
         lengths = end[:, -1]
         L_new = int(lengths.max())
@@ -91,7 +91,7 @@ class SetokimForCausalLM(nn.Module):
         text_target = torch.where(text, start, dump).flatten()
         S = visual.packed.shape[0]
         rows = torch.arange(S, device=dev)
-        cu = visual.cu_seqlens.long()
+        cu = visual.cu_clusters.long()
         image = torch.searchsorted(cu[1:], rows, right=True).clamp(max=max(features.shape[0] - 1, 0))
         vis_target = torch.where(rows < cu[-1], start.flatten()[placeholders][image] + rows - cu[image], dump)
 

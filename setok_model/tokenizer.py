@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Mapping, Optional
 
@@ -77,21 +78,28 @@ class SeTokConfig:
 class SeTokOutput:
     """Tokens of a batch, packed with a static layout.
 
-    ``tokens (B*M, D)``: image b's tokens are rows ``cu_tokens[b]:cu_tokens[b+1]``
-    in cluster order; rows past ``cu_tokens[-1]`` are zeros (static shape, no
-    host sync). ``M`` is ``max_tokens`` (``config.max_clusters or N``).
+    ``tokens (B*M, D)``, one per cluster: image b's tokens are rows
+    ``cu_clusters[b]:cu_clusters[b+1]`` in cluster order; rows past
+    ``cu_clusters[-1]`` are zeros (static shape, no host sync). ``M`` is
+    ``max_clusters`` (``config.max_clusters``, else N). The fields' former names
+    ``cu_tokens``, ``num_tokens``, ``max_tokens`` still read, with a
+    DeprecationWarning (docs/NAMES.md).
     """
 
     tokens: Tensor
-    cu_tokens: Tensor  # (B+1,) int32
-    num_tokens: Tensor  # (B,) int64
+    cu_clusters: Tensor  # (B+1,) int32
+    num_clusters: Tensor  # (B,) int64
     labels: Tensor  # (B, N) int64, cluster (= token) of each patch, -1 where masked
     score: Tensor  # (B, N) DPC score
-    max_tokens: int
+    max_clusters: int
+
+    cu_tokens = _checks.deprecated_field("cu_clusters", "cu_tokens")
+    num_tokens = _checks.deprecated_field("num_clusters", "num_tokens")
+    max_tokens = _checks.deprecated_field("max_clusters", "max_tokens")
 
     def padded(self) -> tuple[Tensor, Tensor]:
         """``(tokens (B, M, D), key_mask (B, M))``, True for real tokens."""
-        return setok_kernels.pad_segments(self.tokens, self.cu_tokens, self.max_tokens)
+        return setok_kernels.pad_segments(self.tokens, self.cu_clusters, self.max_clusters)
 
 
 def _live_extent(packing, rows: int, segments: int, device: torch.device) -> tuple[int, int]:
@@ -143,27 +151,34 @@ class SeTokTokenizer(nn.Module):
         _, N, _ = _checks.features(features, self, c.input_dim)
         x = self.position_embedding(features, _checks.grid(N, grid))
         clusters = setok_kernels.dpc_cluster(
-            x, min(c.k, N), c.threshold, c.min_clusters, self.max_tokens(N), mask, c.densest_delta
+            x, min(c.k, N), c.threshold, c.min_clusters, self.cluster_slots(N), mask, c.densest_delta
         )
         return x, clusters
 
+    def cluster_slots(self, N: int) -> int:
+        """M, the static bound on clusters (= tokens) per image for N patches."""
+        return V.cluster_bound(N, self.config.max_clusters, None, 1)
+
     def max_tokens(self, N: int) -> int:
-        """The static bound M of tokens per image for N patches."""
-        return N if self.config.max_clusters is None else self.config.max_clusters
+        """Deprecated name of :meth:`cluster_slots`."""
+        warnings.warn("SeTokTokenizer.max_tokens() is deprecated, use cluster_slots()", DeprecationWarning, stacklevel=2)
+        return self.cluster_slots(N)
 
     def forward(self, features: Tensor, mask: Optional[Tensor] = None, grid: Optional[tuple[int, int]] = None) -> SeTokOutput:
         x, clusters = self.cluster(features, mask, grid)
         B, N, _ = features.shape
-        M = self.max_tokens(N)
+        M = self.cluster_slots(N)
         packing = setok_kernels.pack_clusters(clusters.labels, clusters.num_clusters, M)
         live_rows, live_segments = _live_extent(packing, B * N, B * M, x.device)
         # (live_rows, hidden): each cluster's tokens contiguous, masked tokens (in no segment) last
-        rows = self.input_proj(x).flatten(0, 1)[packing.perm[:live_rows]]
-        rows = self.inner_encoder(rows, packing.cu_seqlens, N)
-        # (B*M, hidden): one vector per cluster, image after image, empty slots last
-        centroids = setok_kernels.segment_mean(rows, packing.cu_seqlens)[:live_segments]
-        centroids = self.inter_encoder(centroids, packing.cu_clusters, M)
-        tokens = self.out(centroids)
+        rows = self.input_proj(x).flatten(0, 1).index_select(0, packing.perm[:live_rows])  # 5x indexing's speed
+        # (live_segments, hidden): one vector per cluster (the mean of its rows), image after
+        # image, empty slots last; the offsets cut to the live segments, so that the means
+        # (and the last linear layer, which runs on them) cover only those
+        cu_seqlens = packing.cu_seqlens[: live_segments + 1]
+        pooled = self.inner_encoder(rows, cu_seqlens, N, segment_means=True)
+        pooled = self.inter_encoder(pooled, packing.cu_clusters, M)
+        tokens = self.out(pooled)
         if live_segments < B * M:
             tokens = F.pad(tokens, (0, 0, 0, B * M - live_segments))
         else:

@@ -2,10 +2,11 @@
 the interpreter), the reference, the torch backend and the third-party
 backends' declared support, against an independent float64 oracle.
 
-Tolerances follow flash-attn's rule: a backend's error against the float64
-oracle may be at most a small multiple of the reference's own error in the
-same dtype (plus one rounding step of the dtype). float64 (CPU only) must be
-float64-accurate: 1e-10 relative, gradients of the returned lse included.
+Tolerances are tests/_data.py's TOLERANCE, flash-attn's rule: a backend's
+error against the float64 oracle may be at most a small multiple of the
+reference's own error in the same dtype (plus two rounding steps of the
+dtype). float64 (CPU only) must be float64-accurate (its rtol), gradients of
+the returned lse included.
 """
 
 import math
@@ -16,11 +17,12 @@ import torch
 import setok_kernels
 from setok_kernels import BackendUnavailableError, _backends, attention_backends, triton_attention
 from setok_kernels._backends import CallInfo
+from setok_kernels._triton import INTERPRETING
+
+from ._data import RAGGED, TOLERANCE, assert_close_to_truth, attention_inputs, magnitude, max_error
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# one rounding step of the output dtype, relative to the output magnitude
-ULP = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}
-INTERPRETED = triton_attention._interpreting()
+INTERPRETED = INTERPRETING
 
 
 def oracle(q, k, v, cu_q, cu_k, scale):
@@ -45,18 +47,6 @@ def oracle(q, k, v, cu_q, cu_k, scale):
     return torch.cat(pieces), torch.cat(lses, 1)
 
 
-def offsets(lengths, start=0, device="cpu"):
-    return torch.tensor([start] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
-
-
-def make_case(lens_q, lens_k, H, D, lead=0, trail=0, device="cpu"):
-    cu_q = offsets(lens_q, lead, device)
-    cu_k = offsets(lens_k, 0, device)
-    Tq, Tk = int(cu_q[-1]) + trail, int(cu_k[-1])
-    q, k, v = (torch.randn(T, H, D).to(device) for T in (Tq, Tk, Tk))
-    return q, k, v, cu_q, cu_k
-
-
 def run(backend, q, k, v, cu_q, cu_k, dtype, dout, dlse=None, self_attention=False):
     """(out, lse, dq, dk, dv) through the public function, gradients from ``dout``
     (and ``dlse`` on the finite lse entries)."""
@@ -69,13 +59,6 @@ def run(backend, q, k, v, cu_q, cu_k, dtype, dout, dlse=None, self_attention=Fal
         loss = loss + (torch.where(torch.isfinite(lse), lse, 0) * dlse.to(lse.dtype)).sum()
     loss.backward()
     return out, lse, q.grad, k.grad, v.grad
-
-
-def max_err(a, b):
-    a, b = a.detach().cpu().double(), b.detach().cpu().double()
-    finite = torch.isfinite(b)
-    assert torch.equal(torch.isfinite(a), finite), "non-finite pattern differs"
-    return (a - b)[finite].abs().max().item() if finite.any() else 0.0
 
 
 def expected(case, dout, dlse, scale):
@@ -103,16 +86,14 @@ def assert_close_to_oracle(backend, case, dtype, self_attention=False, lse_grad=
         assert g.dtype == (acc if name == "lse" else dtype), name
         assert g.shape == w.shape, name
         assert g.device == q.device, name
-        bound = 3 * max_err(r, w) + ULP[dtype] * max(1.0, w[torch.isfinite(w)].abs().max().item() if w.numel() else 1.0)
-        err = max_err(g, w)
-        assert err <= bound, f"{backend} {name} {dtype}: error {err:.3g} > {bound:.3g} (reference error {max_err(r, w):.3g})"
+        assert_close_to_truth(g, r, w, dtype, name=f"{backend} {name} {dtype}")
     # rows without keys and rows outside every segment: exactly 0 and -inf
     keyless = torch.isinf(want[1]).to(q.device)
     assert torch.all(got[1][keyless] == -math.inf)
     assert torch.all(got[0].transpose(0, 1)[keyless] == 0)
 
 
-SHORT = [3, 1, 0, 7, 2, 1, 5]  # many short segments, one empty, several of length 1
+SHORT = list(RAGGED)  # many short segments, one empty, several of length 1
 CPU_FLOAT64 = ["reference", "torch", pytest.param("triton", marks=pytest.mark.triton)]
 
 
@@ -127,7 +108,7 @@ def _float64_backend(backend):
 @pytest.mark.parametrize("D,H", [(16, 1), (24, 2), (64, 4), (128, 2)])
 def test_triton_self_attention_short_segments(device, dtype, D, H):
     # D = 24: a head dim that is not a multiple of 16 (zero-padded to 32 for the kernels)
-    case = make_case(SHORT, SHORT, H, D, device=device)
+    case = attention_inputs(SHORT, SHORT, H, D, device=device)
     assert_close_to_oracle("triton", case, dtype, self_attention=True)
 
 
@@ -135,7 +116,7 @@ def test_triton_self_attention_short_segments(device, dtype, D, H):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("D,H,lens", [(256, 2, [5, 1, 4]), (512, 3, [2, 3]), (2048, 2, [3, 1, 4])])
 def test_triton_large_head_dims(device, dtype, D, H, lens):
-    case = make_case(lens, lens, H, D, device=device)
+    case = attention_inputs(lens, lens, H, D, device=device)
     assert_close_to_oracle("triton", case, dtype, self_attention=True)
 
 
@@ -144,7 +125,7 @@ def test_triton_large_head_dims(device, dtype, D, H, lens):
 def test_triton_cross_attention_empty_segments(device, dtype):
     # empty key segments (rows get 0), empty query segments (keys get zero grads),
     # segment lengths that differ between q and k, rows after all segments
-    case = make_case([2, 0, 3, 4, 0, 1], [5, 3, 0, 1, 6, 2], H=2, D=32, trail=3, device=device)
+    case = attention_inputs([2, 0, 3, 4, 0, 1], [5, 3, 0, 1, 6, 2], H=2, D=32, trail=3, device=device)
     assert_close_to_oracle("triton", case, dtype, lse_grad=True)
 
 
@@ -153,13 +134,13 @@ def test_triton_cross_attention_empty_segments(device, dtype):
 def test_triton_long_segment_walks_many_blocks(device, D, lens):
     # segments longer than a walk block: resident accumulators (D = 16) and the
     # chunked head dim's per-program workspace (D = 128), in q and in k tiles
-    case = make_case(lens, lens, H=1, D=D, device=device)
+    case = attention_inputs(lens, lens, H=1, D=D, device=device)
     assert_close_to_oracle("triton", case, torch.float32, self_attention=True, lse_grad=True)
 
 
 @pytest.mark.triton
 def test_triton_8_heads_16bit_long_tile_walk(device):
-    case = make_case([70, 1, 9], [70, 1, 9], H=8, D=16, device=device)
+    case = attention_inputs([70, 1, 9], [70, 1, 9], H=8, D=16, device=device)
     assert_close_to_oracle("triton", case, torch.float16, self_attention=True)
 
 
@@ -171,7 +152,7 @@ def test_triton_8_heads_16bit_long_tile_walk(device):
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 def test_reference_and_torch_match_oracle(device, backend, dtype, D, H, lens_q, lens_k):
     """The torch backend on CPU is torch's fused flash kernel per length bucket (auto's choice there)."""
-    case = make_case(lens_q, lens_k, H, D, trail=1, device=device)
+    case = attention_inputs(lens_q, lens_k, H, D, trail=1, device=device)
     assert_close_to_oracle(backend, case, dtype, lse_grad=True)
 
 
@@ -181,23 +162,23 @@ def test_reference_and_torch_match_oracle(device, backend, dtype, D, H, lens_q, 
     [(16, 2, SHORT, SHORT), (128, 1, [2, 0, 80, 1], [3, 1, 70, 0]), (2048, 1, [3, 1], [2, 4])],
 )
 def test_float64_is_float64_accurate(backend, D, H, lens_q, lens_k):
-    """Values, lse and gradients (lse gradient included) within 1e-10 of the float64
-    oracle, relative to each one's magnitude: statistics and accumulators in float64."""
+    """Values, lse and gradients (lse gradient included) within float64's rtol (tests/_data.py)
+    of the float64 oracle, relative to each one's magnitude: statistics and accumulators in float64."""
     _float64_backend(backend)
-    case = make_case(lens_q, lens_k, H, D, trail=1)
+    case = attention_inputs(lens_q, lens_k, H, D, trail=1)
     dout, dlse = torch.randn_like(case[0]).double(), torch.randn(H, case[0].shape[0]).double()
     want = expected(case, dout, dlse, D**-0.5)
     got = run(backend, *case, torch.float64, dout, dlse)
     for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
         assert g.dtype == torch.float64, name
-        assert max_err(g, w) <= 1e-10 * w[torch.isfinite(w)].abs().max().item(), name
+        assert max_error(g, w) <= TOLERANCE[torch.float64].rtol * magnitude(w), name
 
 
 @pytest.mark.parametrize("backend", CPU_FLOAT64)
 def test_gradcheck_float64_out_and_lse(backend):
     """gradcheck of (out, lse): the lse's gradient flows through every backward."""
     _float64_backend(backend)
-    q, k, v, cu_q, cu_k = make_case([3, 1, 0], [2, 0, 3], H=1, D=4, trail=1)
+    q, k, v, cu_q, cu_k = attention_inputs([3, 1, 0], [2, 0, 3], H=1, D=4, trail=1)
     inputs = tuple(t.double().requires_grad_() for t in (q, k, v))
 
     def f(q, k, v):
@@ -239,7 +220,7 @@ def test_gpu_configs_use_warpgroup_tiles(kernel, dtype, D):
 
 @pytest.mark.triton
 def test_triton_is_deterministic_and_skips_no_row(device):
-    q, k, v, cu_q, cu_k = make_case([9, 1, 30], [9, 1, 30], H=2, D=32, device=device)
+    q, k, v, cu_q, cu_k = attention_inputs([9, 1, 30], [9, 1, 30], H=2, D=32, device=device)
     first = setok_kernels.varlen_attention(q, k, v, cu_q, backend="triton", return_lse=True)
     second = setok_kernels.varlen_attention(q, k, v, cu_q, backend="triton", return_lse=True)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
@@ -268,7 +249,7 @@ def test_triton_non_finite_values_stay_in_their_segment(device, poisoned, D, dty
     segment's out, lse, dq, dk and dv is bit-identical to the clean run's; the
     poisoned segment's results are not all finite."""
     lens = [5, 3, 7]  # one tile; the poisoned segment [5, 8) has neighbours on both sides
-    q, k, v, cu, _ = make_case(lens, lens, H=2, D=D, device=device)
+    q, k, v, cu, _ = attention_inputs(lens, lens, H=2, D=D, device=device)
     inputs = dict(q=q, k=k, v=v, dout=torch.randn_like(q))
     dlse = torch.randn(2, q.shape[0], device=device)
     # fresh leaves per run: run() makes float32 inputs themselves require grad
@@ -286,16 +267,9 @@ def test_triton_non_finite_values_stay_in_their_segment(device, poisoned, D, dty
     assert not all(torch.isfinite(t[inside]).all() for t in (dirty[0], *dirty[2:])), "the poison vanished"
 
 
-def test_opcheck(device):
-    q, k, v, cu_q, cu_k = make_case([3, 0, 5], [2, 4, 1], H=2, D=16, device=device)
-    for backend in ("reference", "triton", "torch"):
-        args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), cu_q, cu_k, 8, 8, 0.3, backend)
-        torch.library.opcheck(torch.ops.setok.varlen_attention, args)
-
-
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_torch_compile_fullgraph_equals_eager(device, backend):
-    q, k, v, cu_q, _ = make_case([4, 1, 6], [4, 1, 6], H=2, D=16, device=device)
+    q, k, v, cu_q, _ = attention_inputs([4, 1, 6], [4, 1, 6], H=2, D=16, device=device)
 
     def f(q, k, v):
         return setok_kernels.varlen_attention(q, k, v, cu_q, max_seqlen_q=6, backend=backend).sum(-1)
@@ -306,7 +280,7 @@ def test_torch_compile_fullgraph_equals_eager(device, backend):
 
 @pytest.mark.parametrize("backend", ["flash_attn", "xformers"])
 def test_forcing_unavailable_backend_names_the_reason(backend):
-    q, k, v, cu_q, _ = make_case([3, 2], [3, 2], H=1, D=16)
+    q, k, v, cu_q, _ = attention_inputs([3, 2], [3, 2], H=1, D=16)
     with pytest.raises(BackendUnavailableError, match=backend) as info:
         setok_kernels.varlen_attention(q, k, v, cu_q, backend=backend)
     impl = next(i for i in _backends.implementations("varlen_attention") if i.name == backend)
@@ -319,7 +293,7 @@ def _auto_order(dtype, head_dim):
 
 
 def test_auto_order_table():
-    """The documented (unmeasured) table: flash kernels first up to head_dim 256 in
+    """The documented auto order (attention_backends.py): flash kernels first up to head_dim 256 in
     16-bit, the chunked Triton kernel first above it and in fp32."""
     assert _auto_order(torch.float16, 128) == ["flash_attn", "torch", "triton", "xformers", "reference"]
     assert _auto_order(torch.bfloat16, 2048) == ["triton", "flash_attn", "torch", "xformers", "reference"]
@@ -332,7 +306,7 @@ def test_auto_order_table():
 def test_memory_efficient_lse_layout_conversion():
     """The (S, H, max_seqlen) lse of memory-efficient kernels, and unwritten rows
     outside every segment, map onto the setok convention."""
-    q, k, v, cu_q, cu_k = make_case([2, 0, 3], [3, 1, 0], H=2, D=8, lead=1, trail=2)
+    q, k, v, cu_q, cu_k = attention_inputs([2, 0, 3], [3, 1, 0], H=2, D=8, lead=1, trail=2)
     want_out, want_lse = oracle(q, k, v, cu_q, cu_k, 0.5)
     S, Tq = cu_q.numel() - 1, q.shape[0]
     padded = torch.full((S, 2, 32), float("nan"))

@@ -30,8 +30,8 @@ class Trainee(nn.Module):
 
     def forward(self, features, text, concepts, targets):
         out = self.tokenizer(features)
-        contrast = self.contrast(pool_tokens(out.tokens, out.cu_tokens), text, concepts)
-        return contrast + reconstruction_loss(self.detokenizer(out.tokens, out.cu_tokens), targets), out.num_tokens
+        contrast = self.contrast(pool_tokens(out.tokens, out.cu_clusters), text, concepts)
+        return contrast + reconstruction_loss(self.detokenizer(out.tokens, out.cu_clusters), targets), out.num_clusters
 
 
 def data():

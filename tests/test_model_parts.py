@@ -20,6 +20,8 @@ from setok_model import (
     unpatchify,
 )
 
+from ._data import offsets
+
 CONFIG = SeTokConfig(12, 16, 8, 2, 32, 1, 1, k=3, min_clusters=3, max_clusters=5, block="pre_norm")
 
 
@@ -36,8 +38,8 @@ def test_detokenizer_decodes_each_image_from_its_own_tokens(device):
     features = torch.randn(3, 16, 12, device=device)
     detok = SeTokDetokenizer(8, 16, 2, 32, 2, grid=(4, 4), out_dim=3 * 2 * 2).to(device)
     out = tokenize(features)
-    assert len(set(out.num_tokens.tolist())) > 1
-    pred = detok(out.tokens, out.cu_tokens)
+    assert len(set(out.num_clusters.tolist())) > 1
+    pred = detok(out.tokens, out.cu_clusters)
     assert pred.shape == (3, 16, 12)
     for b, alone in enumerate(each_image_alone(lambda f: detok(*_packed(tokenize(f))), features)):
         torch.testing.assert_close(pred[b], alone[0])
@@ -50,16 +52,16 @@ def test_detokenizer_decodes_each_image_from_its_own_tokens(device):
 
 
 def _packed(out):
-    return out.tokens, out.cu_tokens
+    return out.tokens, out.cu_clusters
 
 
 def test_detokenizer_handles_an_image_without_tokens():
     detok = SeTokDetokenizer(8, 16, 2, 32, 1, grid=(2, 2), out_dim=4)
     tokens = torch.randn(6, 8)
-    cu = torch.tensor([0, 3, 3], dtype=torch.int32)  # image 1 has no token
-    pred = detok(tokens, cu, max_tokens=3)
+    cu = offsets([3, 0])  # image 1 has no token
+    pred = detok(tokens, cu, max_clusters=3)
     assert torch.isfinite(pred).all()
-    alone = detok(tokens[3:].zero_(), torch.tensor([0, 0], dtype=torch.int32), max_tokens=3)
+    alone = detok(tokens[3:].zero_(), offsets([0]), max_clusters=3)
     torch.testing.assert_close(pred[1], alone[0])
 
 
@@ -77,15 +79,15 @@ def test_mask_decoder_masks_per_token_and_loss():
     features = torch.randn(3, 16, 12)
     out = tokenize(features)
     dec = MaskDecoder(8, 12, 16, 2)
-    logits, key_mask = dec(out.tokens, out.cu_tokens, features)
+    logits, key_mask = dec(out.tokens, out.cu_clusters, features)
     assert logits.shape == (3, 5, 4, 4)
-    assert key_mask.sum(1).tolist() == out.num_tokens.tolist()
+    assert key_mask.sum(1).tolist() == out.num_clusters.tolist()
     for b in range(3):
         alone = tokenize(features[b : b + 1])
-        one, _ = dec(alone.tokens, alone.cu_tokens, features[b : b + 1])
-        n = int(out.num_tokens[b])
+        one, _ = dec(alone.tokens, alone.cu_clusters, features[b : b + 1])
+        n = int(out.num_clusters[b])
         torch.testing.assert_close(logits[b, :n], one[0, :n])
-    big, _ = dec(out.tokens, out.cu_tokens, features, image_size=(8, 8))
+    big, _ = dec(out.tokens, out.cu_clusters, features, image_size=(8, 8))
     assert big.shape == (3, 5, 8, 8)
 
     target = cluster_masks(out.labels, 5, (4, 4))
@@ -141,7 +143,7 @@ def test_concept_contrastive_loss_matches_the_definition():
 
 def test_pool_tokens_is_the_mean_per_image(device):
     out = tokenize(torch.randn(2, 16, 12, device=device))
-    pooled = pool_tokens(out.tokens, out.cu_tokens)
+    pooled = pool_tokens(out.tokens, out.cu_clusters)
     padded, key_mask = out.padded()
     expected = (padded * key_mask[..., None]).sum(1) / key_mask.sum(1, keepdim=True)
     torch.testing.assert_close(pooled, expected)
@@ -152,7 +154,7 @@ def test_projector_returns_padded_and_packed_llm_embeddings(projector, device):
     features = torch.randn(3, 16, 12, device=device)
     proj = SeTokProjector(CONFIG, llm_dim=24, projector=projector).to(device)
     out = proj(features)
-    S = int(out.cu_seqlens[-1])
+    S = int(out.cu_clusters[-1])
     assert out.embeds.shape == (3, 5, 24) and out.packed.shape == (15, 24)
     torch.testing.assert_close(out.packed[:S], proj.projector(out.tokenizer_output.tokens[:S]))
     assert torch.equal(out.packed[S:], torch.zeros_like(out.packed[S:]))
@@ -160,3 +162,21 @@ def test_projector_returns_padded_and_packed_llm_embeddings(projector, device):
     assert torch.equal(out.embeds[~out.mask], torch.zeros_like(out.embeds[~out.mask]))
     with pytest.raises(ValueError, match="projector"):
         SeTokProjector(CONFIG, 24, "qformer")
+
+
+def test_former_names_still_work_with_a_deprecation_warning(device):
+    """cu_tokens / num_tokens / max_tokens (docs/NAMES.md) read and pass for one release, with a warning."""
+    tok = SeTokTokenizer(CONFIG).to(device)
+    out = tok(torch.randn(2, 16, CONFIG.input_dim, device=device))
+    for old, new in (("cu_tokens", "cu_clusters"), ("num_tokens", "num_clusters"), ("max_tokens", "max_clusters")):
+        with pytest.warns(DeprecationWarning, match=f"{old} is deprecated"):
+            assert getattr(out, old) is getattr(out, new)
+    with pytest.warns(DeprecationWarning, match="max_tokens"):
+        assert tok.max_tokens(16) == tok.cluster_slots(16)
+    detok = SeTokDetokenizer(CONFIG.token_dim, 16, 2, 32, 1, (4, 4), 3).to(device)
+    want = detok(out.tokens, out.cu_clusters, max_clusters=out.max_clusters)
+    with pytest.warns(DeprecationWarning, match="'(cu|max)_tokens' is deprecated"):
+        got = detok(out.tokens, cu_tokens=out.cu_clusters, max_tokens=out.max_clusters)
+    torch.testing.assert_close(got, want)
+    with pytest.raises(TypeError, match="pass 'cu_clusters' only"):
+        detok(out.tokens, cu_tokens=out.cu_clusters, cu_clusters=out.cu_clusters)

@@ -42,7 +42,7 @@ def test_visual_tokens_are_spliced_between_img_markers():
     features = torch.randn(3, 16, 12)
     inputs = model.build_inputs(batch.input_ids, features, batch.attention_mask, labels=batch.input_ids.clone())
     visual = model.projector(features)
-    counts = visual.num_tokens.tolist()
+    counts = visual.num_clusters.tolist()
     assert len(set(counts)) > 1
     embed = model.language_model.get_input_embeddings()
     ids = {w: model.tokenizer.convert_tokens_to_ids(w) for w in ["describe", "compare", "and", "a", "cat", "[Img]", "[/Img]"]}
@@ -53,7 +53,7 @@ def test_visual_tokens_are_spliced_between_img_markers():
         for piece in pieces:
             if isinstance(piece, int):
                 n = counts[piece]
-                start = int(visual.cu_seqlens[piece])
+                start = int(visual.cu_clusters[piece])
                 embs.append(visual.packed[start : start + n])
                 labs += [-100] * n
             else:

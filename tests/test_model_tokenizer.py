@@ -54,8 +54,8 @@ def test_official_weights_give_the_reference_clusters_and_tokens(device):
     counts = [len(tokens) for tokens, _, _ in expected]
     assert len(set(counts)) > 1, "the batch must be ragged"
     assert counts[1] == 5, "image 1 must take the min_clusters fallback"
-    assert out.num_tokens.tolist() == counts
-    assert out.cu_tokens.dtype == torch.int32 and out.cu_tokens.tolist() == [0, counts[0], sum(counts[:2]), sum(counts)]
+    assert out.num_clusters.tolist() == counts
+    assert out.cu_clusters.dtype == torch.int32 and out.cu_clusters.tolist() == [0, counts[0], sum(counts[:2]), sum(counts)]
     padded, key_mask = out.padded()
     assert padded.shape == (3, 36, TOKEN_DIM) and out.tokens.shape == (3 * 36, TOKEN_DIM)
     for b, (tokens, labels, score) in enumerate(expected):
@@ -113,7 +113,7 @@ def test_masked_patches_never_change_the_tokens(device):
     again = tok(noisy, mask)
     assert torch.equal(out.labels, again.labels) and (out.labels[~mask] == -1).all()
     torch.testing.assert_close(out.tokens, again.tokens)
-    assert out.tokens.shape == (2 * 6, TOKEN_DIM) and (out.num_tokens <= 6).all()
+    assert out.tokens.shape == (2 * 6, TOKEN_DIM) and (out.num_clusters <= 6).all()
 
 
 @pytest.mark.parametrize("block", ["shared_norm", "pre_norm"])

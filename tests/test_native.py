@@ -15,6 +15,8 @@ import setok_kernels as sk
 from setok_kernels import _native
 from setok_kernels import reference as R
 
+from ._data import (assert_close_to_truth, cap_case, clustered, lone_token_cap_case, mask_at, offsets, on_grid,
+                    scattered_mask, small_integers)
 from ._oracle import assign_one_image, dpc_batch
 
 if not _native.build_info()["loaded"]:
@@ -27,22 +29,6 @@ FLOATS = ("score", "density", "delta")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def separated(B, N, C, groups=6, dtype=torch.float32, seed=0):
-    """Tight, far-apart groups: no near-ties, so decisions are unambiguous."""
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(B, groups, C, generator=g) * 4
-    which = torch.randint(groups, (B, N), generator=g)
-    x = torch.gather(centres, 1, which[..., None].expand(B, N, C)) + 0.3 * torch.randn(B, N, C, generator=g)
-    return x.to(dtype)
-
-
-def scattered_mask(B, N, keep=0.6, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.rand(B, N, generator=g) < keep
-    mask[:, 0] = True
-    return mask
-
-
 def dpc(x, backend, **kw):
     kw.setdefault("k", 5)
     return sk.dpc_cluster(x, backend=backend, **kw)
@@ -52,21 +38,19 @@ def assert_matches_reference(x, **kw):
     nat, ref = dpc(x, "native", **kw), dpc(x, "reference", **kw)
     for f in DISCRETE:
         assert torch.equal(getattr(nat, f), getattr(ref, f)), f
-    # float outputs: no farther from a float64 evaluation than the reference is
+    # float outputs: as close to a float64 evaluation as the reference is (tests/_data.py's rule)
     truth = dpc(x.double(), "reference", **kw)
     for f in FLOATS:
         n, r, t = getattr(nat, f), getattr(ref, f), getattr(truth, f)
         assert n.dtype == r.dtype, f
-        ref_err = (r.double() - t).abs().max().item()
-        eps = torch.finfo(n.dtype).eps * max(1.0, t.abs().max().item())
-        assert (n.double() - t).abs().max().item() <= 4 * ref_err + 8 * eps, f
+        assert_close_to_truth(n, r, t, name=f)
     return nat
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("masked", [False, True])
 def test_dpc_cluster_matches_reference(dtype, masked):
-    x = separated(3, 67, 24, dtype=dtype)
+    x = clustered(3, 67, 24, dtype=dtype)
     mask = scattered_mask(3, 67) if masked else None
     out = assert_matches_reference(x, mask=mask, min_clusters=4)
     if masked:
@@ -81,8 +65,7 @@ def test_float64_random_data_is_exact(densest_delta):
 
 def test_duplicates_and_ties():
     # small integers, C = 4: every distance is exact, so ties are real ties
-    g = torch.Generator().manual_seed(3)
-    x = torch.randint(-2, 3, (2, 40, 4), generator=g).float()
+    x = small_integers(2, 40, 4)
     x[:, 20:30] = x[:, :10]  # exact duplicates
     out = assert_matches_reference(x, k=3, threshold=0.2, min_clusters=3)
     # duplicates: exactly equal densities, distance 0 between them
@@ -92,22 +75,21 @@ def test_duplicates_and_ties():
 
 @pytest.mark.parametrize("shape", [(1, 1, 1), (2, 3, 5), (1, 17, 1), (5, 9, 130)])
 def test_odd_shapes_and_k1(shape):
-    x = separated(*shape, groups=2)
+    x = clustered(*shape, groups=2)
     assert_matches_reference(x, k=1, min_clusters=2)
     assert_matches_reference(x, k=shape[1], min_clusters=1)
 
 
 def test_one_real_token():
-    x = separated(3, 12, 6)
-    mask = torch.zeros(3, 12, dtype=torch.bool)
-    mask[0, 5] = mask[1, 0] = mask[2, 11] = True
+    x = clustered(3, 12, 6)
+    mask = mask_at(12, [[5], [0], [11]])
     out = assert_matches_reference(x, k=1, mask=mask)
     assert out.num_clusters.tolist() == [1, 1, 1]
     assert out.centers[:, 0].tolist() == [5, 0, 11]
 
 
 def test_validation_off_clamps_k_and_empty_image():
-    x = separated(3, 20, 8)
+    x = clustered(3, 20, 8)
     mask = scattered_mask(3, 20, 0.2)
     mask[1] = False
     nat = dpc(x, "native", k=6, mask=mask, validate=False)
@@ -119,19 +101,19 @@ def test_validation_off_clamps_k_and_empty_image():
 
 @pytest.mark.parametrize("threshold,min_clusters,max_clusters", [(1e9, 5, None), (-1.0, 8, 7), (1e9, 9, 4), (0.5, 3, 2)])
 def test_fallback_and_cap(threshold, min_clusters, max_clusters):
-    x = separated(2, 50, 12)
+    x = clustered(2, 50, 12)
     out = assert_matches_reference(x, threshold=threshold, min_clusters=min_clusters, max_clusters=max_clusters)
     assert out.centers.shape == (2, max_clusters or 50)
 
 
 def test_streaming_blocks_match_whole_matrix_path():
     # N^2 above the block budget: the image is processed in row blocks
-    x = separated(1, 2100, 6, groups=9)
+    x = clustered(1, 2100, 6, groups=9)
     assert_matches_reference(x, k=8, min_clusters=9)
 
 
 def test_component_ops_match_reference():
-    x = separated(2, 60, 10, dtype=torch.float64)
+    x = clustered(2, 60, 10, dtype=torch.float64)
     mask = scattered_mask(2, 60)
     kw = dict(mask=mask)
     dens = sk.knn_density(x, 7, backend="native", **kw)
@@ -160,7 +142,7 @@ def test_select_centers_ties_nan_and_dtypes(dtype):
 
 
 def test_pack_clusters_matches_reference():
-    x = separated(4, 37, 6)
+    x = clustered(4, 37, 6)
     mask = scattered_mask(4, 37)
     out = dpc(x, "native", mask=mask, max_clusters=6, min_clusters=3)
     for labels in (out.labels, out.labels.int()):
@@ -175,7 +157,7 @@ def test_pack_clusters_matches_reference():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 def test_segment_mean_forward_backward(dtype, index_dtype):
-    cu = torch.tensor([0, 3, 3, 10, 11, 11], dtype=index_dtype)  # empty segments included
+    cu = offsets([3, 0, 7, 1, 0], dtype=index_dtype)  # empty and length-1 segments
     x = torch.randn(13, 9, dtype=dtype)  # rows 11, 12 lie in no segment
     nat = sk.segment_mean(x, cu, backend="native")
     torch.testing.assert_close(nat, sk.segment_mean(x, cu, backend="reference"), rtol=0, atol=0)
@@ -185,7 +167,7 @@ def test_segment_mean_forward_backward(dtype, index_dtype):
 
 
 def test_segment_mean_gradcheck():
-    cu = torch.tensor([0, 2, 2, 7], dtype=torch.int32)
+    cu = offsets([2, 0, 5])
     x = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: sk.segment_mean(t, cu, backend="native"), (x,))
 
@@ -209,7 +191,7 @@ def test_deterministic_and_thread_count_independent():
 
 
 def test_nan_in_one_image_leaves_the_others_alone():
-    x = separated(3, 30, 8)
+    x = clustered(3, 30, 8)
     clean = dpc(x, "native")
     x[1, 4, 2] = float("nan")
     x[2, 7] = float("inf")
@@ -220,7 +202,7 @@ def test_nan_in_one_image_leaves_the_others_alone():
 
 
 def test_masked_garbage_is_ignored():
-    x = separated(2, 40, 8)
+    x = clustered(2, 40, 8)
     mask = scattered_mask(2, 40)
     noisy = x.clone()
     noisy[~mask] = float("nan")
@@ -229,33 +211,8 @@ def test_masked_garbage_is_ignored():
         assert torch.equal(getattr(a, f), getattr(b, f)), f
 
 
-def _opcheck(op, args):
-    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
-
-
-def test_opcheck_native_ops():
-    ops = torch.ops.setok
-    x = separated(2, 12, 4)
-    mask = scattered_mask(2, 12)
-    dens = ops.native_knn_density(x, 3, mask)
-    _opcheck(ops.native_knn_density, (x, 3, mask))
-    _opcheck(ops.native_density_delta, (x, dens, mask, "column_max", "index"))
-    _opcheck(ops.native_select_centers, (dens, mask, 0.5, 2, 5, 0, "index"))
-    _opcheck(ops.native_select_centers, (dens, mask, 0.5, 2, 5, 5, "score"))
-    centers, num = ops.native_select_centers(dens, None, 0.5, 2, 5, 0, "index")
-    _opcheck(ops.native_assign_to_centers, (x, centers, num, None, "euclidean"))
-    _opcheck(ops.native_assign_to_centers, (x, centers, num, mask, "cosine"))
-    _opcheck(ops.native_dpc_cluster, (x, 3, 0.5, 2, 5, mask, "global_max", 0, "index", "none"))
-    _opcheck(ops.native_dpc_cluster, (x, 3, 0.5, 2, 5, mask, "column_max", 5, "score", "index"))
-    labels = ops.native_dpc_cluster(x, 3, 0.5, 2, 5, None, "column_max", 0, "index", "none")[0]
-    _opcheck(ops.native_pack_clusters, (labels, num, 5))
-    cu = torch.tensor([0, 4, 4, 9], dtype=torch.int32)
-    _opcheck(ops.native_segment_mean, (torch.randn(10, 3), cu))
-    _opcheck(ops.native_segment_mean_backward, (torch.randn(3, 3), cu, 10))
-
-
 def test_native_ops_name_bad_enums():
-    x = separated(1, 8, 3)
+    x = clustered(1, 8, 3)
     for args, name in [
         ((x, 3, 0.5, 2, 5, None, "colmax", 0, "index", "none"), "densest_delta"),
         ((x, 3, 0.5, 2, 5, None, "column_max", 0, "rank", "none"), "center_order"),
@@ -282,38 +239,21 @@ def test_auto_picks_native_on_cpu_and_build_info():
 
 
 def assert_matches_oracle(x, mask=None, **kw):
-    """Native against the float64 oracle (tests/_oracle.py): decisions exactly, floats to rounding."""
+    """Native against the float64 oracle (tests/_oracle.py): decisions exactly, floats as close as the reference's."""
     kw = dict(dict(k=5, threshold=0.5, min_clusters=3), **kw)
     nat = dpc(x, "native", mask=mask, **kw)
     want = dpc_batch(x.double(), mask, **kw)
     for f in DISCRETE:
         assert torch.equal(getattr(nat, f), want[f]), f
-    tol = 1e-12 if x.dtype == torch.float64 else 1e-5
+    ref = dpc(x, "reference", mask=mask, **kw)
     for f in FLOATS:
-        torch.testing.assert_close(getattr(nat, f).double(), want[f], rtol=tol, atol=tol, msg=f)
+        assert_close_to_truth(getattr(nat, f), getattr(ref, f), want[f], name=f)
     return nat
 
 
-def capped_case(spread=1.2, seed=0):
-    """Three blobs and one lone token (2-D), built so that SeTok's column-max cap picks the centres.
-
-    Blob D (0, 30) is far from the densest blob A (0, 0), so its peak's nearest
-    denser token is ~30 away; the lone token at (3, 15) is less dense than D
-    and has no token farther than ~16, so it caps D's delta at ~16 and the
-    second centre becomes blob B's peak instead of D's.
-    """
-    g = torch.Generator().manual_seed(seed)
-
-    def blob(n, centre, s):
-        return torch.tensor(centre, dtype=torch.float64) + s * torch.randn(n, 2, generator=g, dtype=torch.float64)
-
-    x = torch.cat([blob(10, (0.0, 0.0), 0.1), blob(6, (10.0, 0.0), 0.3), blob(6, (0.0, 30.0), spread),
-                   blob(1, (3.0, 15.0), 0.0)])
-    return x[torch.randperm(x.shape[0], generator=g)][None]
-
-
-def test_column_max_cap_decides_centres():
-    x = capped_case()
+@pytest.mark.parametrize("case", [cap_case, lone_token_cap_case])
+def test_column_max_cap_decides_centres(case):
+    x = case()
     kw = dict(k=4, threshold=1e9, min_clusters=2)
     out = assert_matches_oracle(x, **kw)
     # the cap matters here: without it (delta = distance to the parent) a
@@ -336,7 +276,7 @@ def test_delta_matches_oracle_masks_ties_tiny_images(densest_delta, tie_break):
     x = torch.randn(3, 45, 7, generator=g, dtype=torch.float64)
     assert_matches_oracle(x, mask=scattered_mask(3, 45, 0.7), **kw)
     # small integers: exactly equal densities among duplicates and symmetric layouts
-    ints = torch.randint(-2, 3, (2, 40, 3), generator=g).double()
+    ints = small_integers(2, 40, 3, seed=5, dtype=torch.float64)
     ints[:, 20:30] = ints[:, :10]
     assert_matches_oracle(ints, k=3, **kw)
     assert_matches_oracle(ints, k=3, mask=scattered_mask(2, 40, 0.5), **kw)
@@ -345,14 +285,9 @@ def test_delta_matches_oracle_masks_ties_tiny_images(densest_delta, tie_break):
     assert_matches_oracle(x, k=45, **kw)  # k = N
 
 
-def quantized(B, N, C, seed=0):
-    """Separated groups on a 2^-8 grid: x + c stays exact in float32 for |x + c| < 2^15."""
-    return (separated(B, N, C, seed=seed) * 256).round() / 256
-
-
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_offsets_do_not_change_the_clustering(per_channel):
-    x = quantized(3, 60, 16)
+    x = on_grid(clustered(3, 60, 16), bits=8, bound=math.inf)  # x + c exact in float32 for |x + c| < 2^16
     spread = x.std().item()
     g = torch.Generator().manual_seed(7)
     base = dpc(x, "native", min_clusters=4)
@@ -371,7 +306,7 @@ def test_offsets_do_not_change_the_clustering(per_channel):
 @pytest.mark.parametrize("tie_break", ["none", "index"])
 def test_extreme_magnitudes_are_finite_and_exact(exponent, tie_break):
     # float32 squared distances overflow (|x| ~ 1e19) / underflow (|x| ~ 1e-30)
-    x = separated(2, 40, 8) * 2.0**exponent
+    x = clustered(2, 40, 8) * 2.0**exponent
     kw = dict(k=4, min_clusters=4, tie_break=tie_break)
     out = assert_matches_oracle(x, **kw)
     for f in FLOATS:
@@ -382,14 +317,13 @@ def test_extreme_magnitudes_are_finite_and_exact(exponent, tie_break):
                                                     backend="reference"))
 
 
-# ------------------------------------------------- drop-in options (issue 17)
+# ------------------------------------------------- drop-in options (num_centers, center_order, tie_break)
 
 
 @pytest.mark.parametrize("center_order", ["index", "score"])
 @pytest.mark.parametrize("tie_break", ["none", "index"])
 def test_num_centers_order_and_tie_break_match_oracle(center_order, tie_break):
-    g = torch.Generator().manual_seed(8)
-    x = torch.randint(-3, 4, (3, 50, 4), generator=g).double()
+    x = small_integers(3, 50, 4, low=-3, high=4, seed=8, dtype=torch.float64)
     x[:, 25:40] = x[:, :15]  # duplicates: equal densities
     mask = scattered_mask(3, 50, 0.6)
     mask[2] = torch.arange(50) < 6  # 6 real tokens, fewer than num_centers
@@ -465,7 +399,7 @@ def test_cuda_select_centers(dtype):
 
 @cuda
 def test_cuda_pack_clusters_and_segment_mean():
-    x = separated(5, 300, 8)
+    x = clustered(5, 300, 8)
     mask = scattered_mask(5, 300)
     out = dpc(x, "reference", mask=mask, max_clusters=20, min_clusters=4)
     ref = sk.pack_clusters(out.labels, out.num_clusters, 20, backend="reference")

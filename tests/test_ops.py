@@ -1,4 +1,4 @@
-"""The op layer: opcheck, torch.compile, backend selection, input validation."""
+"""The op layer: torch.compile, backend selection, input validation (opcheck: tests/test_opcheck.py)."""
 
 import pytest
 import torch
@@ -6,47 +6,19 @@ import torch
 import setok_kernels as sk
 from setok_kernels import BackendUnavailableError, _backends
 
-OPS = torch.ops.setok
+from ._data import attention_inputs, mixture, offsets, scattered_mask
 
 
 def _cluster_inputs(device="cpu"):
-    x = torch.randn(2, 23, 5, device=device)
-    mask = torch.rand(2, 23, device=device) > 0.3
-    mask[:, 0] = True
-    return x, mask
-
-
-# ---------------------------------------------------------------- opcheck
+    return mixture(2, 23, 5).to(device), scattered_mask(2, 23).to(device)
 
 
 def _backend(device):
-    """On a GPU, what auto picks there (the GPU kernels); on the CPU, the reference (fast in opcheck)."""
+    """On a GPU, what auto picks there (the GPU kernels); on the CPU, the reference (quick)."""
     return "auto" if device == "cuda" else "reference"
 
 
-def test_opcheck_every_op(device):
-    backend = _backend(device)
-    x, mask = _cluster_inputs(device)
-    density = OPS.knn_density(x, 3, mask, backend)
-    delta, _ = OPS.density_delta(x, density, mask, "column_max", "none", backend)
-    centers, num = OPS.select_centers(density * delta, 0.5, 4, 23, mask, 0, "index", backend)
-    labels = OPS.assign_to_centers(x, centers, num, mask, "euclidean", backend)
-    cu = torch.tensor([0, 4, 4, 9, 20], dtype=torch.int32, device=device)
-    q, k, v = (torch.randn(20, 2, 8, device=device, requires_grad=True) for _ in range(3))
-    cases = [
-        (OPS.pairwise_distance, (x, mask, backend)),
-        (OPS.knn_density, (x, 3, mask, backend)),
-        (OPS.density_delta, (x, density, mask, "global_max", "index", backend)),
-        (OPS.select_centers, (density * delta, 0.5, 4, 6, mask, 0, "score", backend)),
-        (OPS.assign_to_centers, (x, centers, num, mask, "cosine", backend)),
-        (OPS.dpc_cluster, (x, 3, 0.5, 4, 23, mask, "column_max", 0, "index", "none", backend)),
-        (OPS.pack_clusters, (labels, num, 23, backend)),
-        (OPS.segment_mean, (torch.randn(20, 6, device=device, requires_grad=True), cu, backend)),
-        (OPS.segment_mean_backward, (torch.randn(4, 6, device=device), cu, 20, backend)),
-        (OPS.varlen_attention, (q, k, v, cu, cu, 11, 11, 0.3, backend)),
-    ]
-    for op, args in cases:
-        torch.library.opcheck(op, args)
+# opcheck of every op on every backend: tests/test_opcheck.py
 
 
 # ---------------------------------------------------------------- torch.compile
@@ -66,8 +38,8 @@ def test_compile_fullgraph_dpc_and_attention(device):
     for a, b in zip(eager, compiled):
         assert torch.equal(a, b)
 
-    cu = torch.tensor([0, 1, 6, 6, 14], dtype=torch.int32, device=device)
-    q, k, v = (torch.randn(14, 2, 16, device=device, requires_grad=True) for _ in range(3))
+    q, k, v, cu, _ = attention_inputs([1, 5, 0, 8], [1, 5, 0, 8], H=2, D=16, device=device)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
 
     def attend(q, k, v):
         return sk.varlen_attention(q, k, v, cu, max_seqlen_q=8, backend=_backend(device))
@@ -103,7 +75,7 @@ def test_forced_backend_that_declines_names_its_reason():
     if "triton" in impls:
         with pytest.raises(BackendUnavailableError, match="triton.*float64"):
             sk.knn_density(x, 2, backend="triton")
-    fake = _backends.Impl(op="knn_density", name="native", fn=None, priority=1, devices=("cuda",), dtypes=(torch.float32,))
+    fake = _backends.Impl(op="knn_density", name="native", fn=None, devices=("cuda",), dtypes=(torch.float32,))
     saved = _backends.implementations("knn_density")
     try:
         _backends.register(fake)
@@ -125,6 +97,21 @@ def test_info_reports_every_op(capsys):
     assert "auto ->" in text
 
 
+def test_public_names_are_declared_once_and_exist_everywhere():
+    """reference.__all__ is the op API: the validating functions and the package export exactly those names."""
+    from setok_kernels import functional, reference
+
+    assert functional.__all__ == reference.__all__
+    assert set(sk.__all__) == set(reference.__all__) | {"BackendUnavailableError", "DTypeError", "reference", "ops"}
+    for name in reference.__all__:
+        assert getattr(sk, name) is getattr(functional, name), name
+        assert callable(getattr(reference, name)), name
+        if name[0].islower():  # an op: the validating function is not the reference's
+            assert getattr(functional, name) is not getattr(reference, name), name
+    ops = {s.name.split("::", 1)[1] for s in torch._C._jit_get_all_schemas() if s.name.startswith("setok::")}
+    assert {n for n in reference.__all__ if n[0].islower()} - ops == {"pad_segments", "unpad_segments"}
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -134,7 +121,7 @@ def _bad_calls():
     labels = torch.zeros(2, 6, dtype=torch.int64)
     num = torch.ones(2, dtype=torch.int64)
     q = torch.randn(6, 2, 4)
-    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    cu = offsets([2, 4])
     return [
         ("x must have shape \\(B, N, C\\)", ValueError, lambda: sk.dpc_cluster(x[0], 2)),
         ("x must be a torch.Tensor", TypeError, lambda: sk.dpc_cluster(x.tolist(), 2)),

@@ -6,6 +6,7 @@ scores to float64 rounding.
 """
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ from hypothesis import strategies as st
 import setok_kernels as sk
 from setok_kernels import reference as ref
 
+from . import _data
+from ._data import assert_rtol, cap_case, mask_at, offsets, scattered_mask, with_copies, with_duplicates
 from ._oracle import dpc_batch
 
 
@@ -25,48 +28,8 @@ def _reference_backend(monkeypatch):
     monkeypatch.setenv("SETOK_ATTN_BACKEND", "reference")
 
 
-def mixture(B, N, C, sizes=None, spread=0.05, seed=0, dtype=torch.float64):
-    """Gaussian blobs of the given relative sizes, tokens shuffled."""
-    g = torch.Generator().manual_seed(seed)
-    sizes = sizes or [0.6, 0.25, 0.1, 0.05]
-    x = torch.empty(B, N, C, dtype=torch.float64)
-    for b in range(B):
-        centers = torch.randn(len(sizes), C, generator=g, dtype=torch.float64) * 3
-        counts = [max(1, int(s * N)) for s in sizes]
-        counts[0] += N - sum(counts)
-        pts = torch.cat([c + spread * torch.randn(n, C, generator=g, dtype=torch.float64) for c, n in zip(centers, counts)])
-        x[b] = pts[torch.randperm(N, generator=g)]
-    return x.to(dtype)
-
-
-def cap_case():
-    """A big blob, two small far blobs and one sparse token between them, (1, 35, 2).
-
-    The sparse token's farthest token is nearer than the small blobs' peaks
-    are to a denser token, so its rmax caps every delta: it decides the
-    centres at threshold 4.6 (see test_cap_decides_centres).
-    """
-    g = torch.Generator().manual_seed(0)
-    blob = lambda n, at: torch.randn(n, 2, generator=g, dtype=torch.float64) * 0.3 + torch.tensor(at, dtype=torch.float64)
-    x = torch.cat([blob(20, [0.0, 0.0]), blob(6, [8.0, 0.0]), blob(8, [0.0, 8.0]), torch.tensor([[3.0, 3.0]], dtype=torch.float64)])
-    return x[torch.randperm(35, generator=g)][None]
-
-
-def with_copies(x, seed=2):
-    """x with a third of its tokens replaced by exact copies of others (repeated frames)."""
-    g = torch.Generator().manual_seed(seed)
-    N = x.shape[1]
-    src = torch.randint(0, N // 3, (N // 3,), generator=g)
-    x = x.clone()
-    x[:, N - N // 3 :] = x[:, src]
-    return x
-
-
-def scattered_mask(B, N, keep=0.6, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    m = torch.rand(B, N, generator=g) < keep
-    m[:, 0] |= ~m.any(1)  # at least one real token per image
-    return m
+# the oracle runs in float64: so does the data here
+mixture = partial(_data.mixture, dtype=torch.float64)
 
 
 def check_against_oracle(x, mask=None, k=5, threshold=0.5, min_clusters=4, max_clusters=None, densest_delta="column_max",
@@ -82,7 +45,7 @@ def check_against_oracle(x, mask=None, k=5, threshold=0.5, min_clusters=4, max_c
 
 CASES = {
     "mixture": dict(x=lambda: mixture(2, 70, 6)),
-    "unequal_sizes": dict(x=lambda: mixture(2, 97, 5, sizes=[0.9, 0.05, 0.03, 0.02])),
+    "unequal_sizes": dict(x=lambda: mixture(2, 97, 5, sizes=(0.9, 0.05, 0.03, 0.02))),
     "n_below_2k": dict(x=lambda: mixture(1, 9, 4), k=5),
     "k1": dict(x=lambda: mixture(2, 33, 3), k=1),
     "random": dict(x=lambda: torch.randn(3, 37, 8, dtype=torch.float64)),
@@ -111,7 +74,7 @@ def test_reference_equals_oracle(case):
 
 
 def densest_only_score(x, r):
-    """Scores under the rule this project used before: only tokens without a denser one get min rmax."""
+    """Scores without the column-max cap: delta is the distance to the parent; a token without one gets min rmax."""
     d = torch.cdist(x.double(), x.double()) / math.sqrt(x.shape[-1])
     nearest = torch.gather(d, 2, r.parent.clamp(min=0)[..., None])[..., 0]
     delta = torch.where(r.parent >= 0, nearest, d.amax(2).amin(1, keepdim=True))
@@ -143,7 +106,7 @@ def test_column_max_cap_ties_share_a_cap():
 
 def test_equal_densities_share_a_cap():
     """Mirror-image blobs: equal densities across the mirror, so ties share caps and parents."""
-    half = mixture(1, 15, 2, sizes=[0.7, 0.3])
+    half = mixture(1, 15, 2, sizes=(0.7, 0.3))
     x = torch.cat([half, -half], 1)
     for tie_break in ("none", "index"):
         r = check_against_oracle(x, k=3, threshold=0.0, tie_break=tie_break)
@@ -151,10 +114,7 @@ def test_equal_densities_share_a_cap():
 
 
 def test_duplicates_and_ties():
-    base = mixture(1, 20, 4)
-    x = torch.cat([base, base[:, :7], base[:, 3:5]], 1)  # exact duplicates
-    g = torch.Generator().manual_seed(3)
-    x = x[:, torch.randperm(x.shape[1], generator=g)]
+    x = with_duplicates(mixture(1, 20, 4))
     r = check_against_oracle(x, k=3, threshold=0.0)
     # duplicates have equal density: neither is "strictly denser" than the other
     assert (r.parent != -1).any()
@@ -237,9 +197,7 @@ def test_pairwise_distance():
 
 def test_ragged_k_is_clamped_and_empty_images_get_no_cluster():
     x = mixture(3, 20, 4)
-    mask = torch.zeros(3, 20, dtype=torch.bool)
-    mask[0, [2, 5, 11]] = True  # fewer real tokens than k
-    mask[2] = True
+    mask = mask_at(20, [[2, 5, 11], [], range(20)])  # fewer real tokens than k; none; all
     r = sk.dpc_cluster(x, 5, 0.5, 2, mask=mask)
     assert r.num_clusters[1] == 0 and (r.labels[1] == -1).all() and (r.centers[1] == -1).all()
     want = dpc_batch(x, mask, 5, 0.5, 2)
@@ -337,7 +295,7 @@ def test_pack_clusters_layout():
 
 def test_segment_mean_and_grad():
     x = torch.randn(12, 5, dtype=torch.float64, requires_grad=True)
-    cu = torch.tensor([0, 3, 3, 4, 10, 10], dtype=torch.int32)
+    cu = offsets([3, 0, 1, 6, 0])  # empty and length-1 segments
     out = sk.segment_mean(x, cu)
     want = torch.stack([x[a:b].mean(0) if b > a else torch.zeros(5, dtype=x.dtype) for a, b in zip(cu[:-1], cu[1:])])
     torch.testing.assert_close(out, want)
@@ -349,16 +307,15 @@ def test_segment_mean_and_grad():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_segment_mean_dtypes(dtype):
     x = torch.randn(40, 7).to(dtype)
-    cu = torch.tensor([0, 1, 9, 9, 33], dtype=torch.int32)
+    cu = offsets([1, 8, 0, 24])
     out = sk.segment_mean(x, cu)
     want = sk.segment_mean(x.double(), cu)
     assert out.dtype == dtype
-    tol = dict(rtol=1e-2, atol=1e-2) if dtype != torch.float32 else dict(rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(out.double(), want, **tol)
+    assert_rtol(out, want, dtype)
 
 
 def test_pad_unpad_roundtrip():
-    cu_clusters = torch.tensor([0, 2, 2, 5], dtype=torch.int32)
+    cu_clusters = offsets([2, 0, 3])
     x = torch.randn(7, 3, requires_grad=True)  # rows 5, 6: empty trailing segments
     padded, key_mask = sk.pad_segments(x, cu_clusters, 4)
     assert key_mask.tolist() == [[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 0]]
@@ -386,11 +343,11 @@ def segment_softmax_oracle(q, k, v, cu_q, cu_k, scale):
 
 @pytest.mark.parametrize("D", [16, 96, 2048])
 def test_reference_attention_self_and_cross(D):
-    cu = torch.tensor([0, 1, 4, 4, 13], dtype=torch.int32)
+    cu = offsets([1, 3, 0, 9])
     q, k, v = (torch.randn(13, 2, D, dtype=torch.float64) for _ in range(3))
     out = sk.varlen_attention(q, k, v, cu, backend="reference")
     torch.testing.assert_close(out, segment_softmax_oracle(q, k, v, cu, cu, D**-0.5))
-    cu_k = torch.tensor([0, 3, 3, 9, 10], dtype=torch.int32)  # an empty key segment
+    cu_k = offsets([3, 0, 6, 1])  # an empty key segment
     k2, v2 = torch.randn(10, 2, D, dtype=torch.float64), torch.randn(10, 2, D, dtype=torch.float64)
     out, lse = sk.varlen_attention(q, k2, v2, cu, cu_k, scale=0.1, backend="reference", return_lse=True)
     torch.testing.assert_close(out, segment_softmax_oracle(q, k2, v2, cu, cu_k, 0.1))
@@ -398,8 +355,8 @@ def test_reference_attention_self_and_cross(D):
 
 
 def test_reference_attention_gradcheck():
-    cu_q = torch.tensor([0, 2, 2, 7], dtype=torch.int32)
-    cu_k = torch.tensor([0, 3, 4, 4], dtype=torch.int32)
+    cu_q = offsets([2, 0, 5])
+    cu_k = offsets([3, 1, 0])
     q = torch.randn(7, 2, 8, dtype=torch.float64, requires_grad=True)
     k = torch.randn(4, 2, 8, dtype=torch.float64, requires_grad=True)
     v = torch.randn(4, 2, 8, dtype=torch.float64, requires_grad=True)

@@ -15,7 +15,7 @@ import torch  # noqa: E402
 
 from setok_model import SeTokConfig, SeTokTokenizer  # noqa: E402
 
-FIELDS = ("tokens", "cu_tokens", "num_tokens", "labels", "score")
+FIELDS = ("tokens", "cu_clusters", "num_clusters", "labels", "score")
 
 
 def main() -> int:
@@ -45,7 +45,7 @@ def main() -> int:
         print(f"CUDA graph replay differs from eager in {', '.join(different)}")
         return 1
     print(f"tokenizer forward (B=4, N=196, bf16) captured, replayed on new input: equal to eager "
-          f"({int(eager.num_tokens.sum())} tokens)")
+          f"({int(eager.num_clusters.sum())} tokens)")
     return 0
 
 
