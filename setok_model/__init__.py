@@ -6,40 +6,19 @@ int32 offsets (``cu_clusters``), and every attention over them runs through
 ``transformers`` package (imported on first use).
 """
 
-from .chat_univi import ChatUniViMerge, ChatUniViOutput
-from .decoders import MaskDecoder, SeTokDetokenizer, cluster_masks
-from .losses import (
-    ConceptContrastiveLoss,
-    concept_contrastive_loss,
-    gather_with_grad,
-    mask_loss,
-    patchify,
-    pool_tokens,
-    reconstruction_loss,
-    unpatchify,
-)
-from .projector import ProjectorOutput, SeTokProjector
-from .tokenizer import SeTokConfig, SeTokOutput, SeTokTokenizer
+from . import chat_univi, decoders, losses, projector, tokenizer
+from .chat_univi import *  # noqa: F401,F403 (each module's __all__ is its public names)
+from .decoders import *  # noqa: F401,F403
+from .losses import *  # noqa: F401,F403
+from .projector import *  # noqa: F401,F403
+from .tokenizer import *  # noqa: F401,F403
 
 __all__ = [
-    "SeTokConfig",
-    "SeTokOutput",
-    "SeTokTokenizer",
-    "SeTokDetokenizer",
-    "MaskDecoder",
-    "cluster_masks",
-    "patchify",
-    "unpatchify",
-    "reconstruction_loss",
-    "mask_loss",
-    "pool_tokens",
-    "gather_with_grad",
-    "concept_contrastive_loss",
-    "ConceptContrastiveLoss",
-    "SeTokProjector",
-    "ProjectorOutput",
-    "ChatUniViMerge",
-    "ChatUniViOutput",
+    *tokenizer.__all__,
+    *decoders.__all__,
+    *losses.__all__,
+    *projector.__all__,
+    *chat_univi.__all__,
     "SetokimForCausalLM",
     "IMAGE_PROMPT",
 ]
