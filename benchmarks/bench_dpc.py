@@ -33,6 +33,7 @@ from . import baselines as bl
 from .bench_attention import H200_BYTES_PER_S, LAUNCH_S
 
 H200_TF32_FLOPS = 395e12  # dense tf32 MMA rate used for the model (tf32x3: three MMAs per product)
+H200_FP16_FLOPS = 790e12  # dense float16 MMA rate (the Gram path's float16 x3: three MMAs per product)
 
 THRESHOLD = 0.5
 
@@ -116,8 +117,8 @@ def h200_model(B: int, N: int, C: int, k: int, M: int, elt: int = 2) -> dict:
     EXACT launches find no row to redo; M centres per image): ``time = max(bytes / 4.3 TB/s, FLOPs / rate)
     + 5 us``.
 
-    Bytes: HBM traffic, x read once per kernel (the column tiles' re-reads of an image are assumed
-    to hit L2) plus the (B, N) vectors. FLOPs: tensor-core work of the padded distance tiles, tf32x3
+    Bytes: HBM traffic, x read once per kernel (the column tiles' re-reads of an image, and the parents'
+    rows, are the same image's, whose programs run together: assumed to hit L2) plus the (B, N) vectors. FLOPs: tensor-core work of the padded distance tiles, tf32x3
     = 3 tf32 MMAs of 2 FLOPs per multiply-add, at 395 TFLOP/s. Not modelled: the k-list merges and
     reductions on CUDA cores, select's bisection (one program per image), occupancy and waves.
     ``glue``: the torch ops between kernels (scale, mean, cap sort/scan, ...), one launch each."""
@@ -151,7 +152,7 @@ def h200_model(B: int, N: int, C: int, k: int, M: int, elt: int = 2) -> dict:
     add("knn_density_exact", flags, B * N)
     add("delta", tile(cfg["BLOCK_M"]), x_bytes + B * N * 25, gemm(cfg["BLOCK_M"], N))
     add("delta_exact", flags, B * N)
-    add("parent_distance", "32 rows x 64 ch", 2 * x_bytes + B * N * 12)
+    add("parent_distance", "32 rows x 64 ch", x_bytes + B * N * 12)
     if N <= T.MAX_SELECT_N:
         add("select_centers", f"1 program/image, BLOCK={max(16, 1 << (N - 1).bit_length())}", B * N * 5 + B * M * 8)
     add("assign", tile(cfg["BLOCK_M"]) + f", {M} centres", x_bytes + B * N * 9, gemm(cfg["BLOCK_M"], M))
@@ -166,14 +167,19 @@ GOAL_S = 0.25e-3  # issue 15: dpc_cluster at W2
 # dpc_gram._kth_smallest's steps until one key is left in a row's bracket: data-dependent (at most 31);
 # 12.4 on average for Gaussian features at W2 (k=64; the most of a program's 4 rows), by simulation
 SELECT_STEPS = 13
+# lane ops per loaded feature in the Gram tile's split (convert, scale and centre, mask, hi, hi back, lo):
+# each tile splits its 2 x BLOCK x C operands; the tensor cores and the lanes are assumed to overlap
+SPLIT_OPS = 7
 
 
 @functools.lru_cache(maxsize=None)
 def h200_model_gram(B: int, N: int, C: int, k: int, M: int, elt: int = 2) -> dict:
     """ESTIMATED time of each kernel of the Gram path (``setok_kernels/dpc_gram.py``) on an H200, as
-    ``h200_model`` (same rates, 5 us a launch, well-conditioned images: the EXACT launches exit), plus
-    the CUDA-core work of the row passes, which dominates them: ``time = max(bytes / 4.3 TB/s,
-    FLOPs / 395 TFLOP/s tf32, lane ops / 33.5 T/s) + 5 us``.
+    ``h200_model`` (same rates, 5 us a launch, well-conditioned images: the density's EXACT launch exits,
+    and the near-ties launches find no flagged row; a near tie of parents or labels costs its few
+    candidates' C-long differences on one program, not modelled), plus
+    the CUDA-core work of the row passes, which dominates them, and of the Gram tile's float16 split:
+    ``time = max(bytes / 4.3 TB/s, FLOPs / 790 TFLOP/s float16, lane ops / 33.5 T/s) + 5 us``.
 
     Lane ops are counted per matrix entry of the padded rows (N_PAD = next power of two): density,
     the bracket (~6: a max and a min), ``SELECT_STEPS`` bisection steps of a compare and an add with the
@@ -193,7 +199,7 @@ def h200_model_gram(B: int, N: int, C: int, k: int, M: int, elt: int = 2) -> dic
     kernels = {}
 
     def add(name, config, nbytes, flops=0, ops=0):
-        times = {"memory": nbytes / H200_BYTES_PER_S, "compute": flops / H200_TF32_FLOPS,
+        times = {"memory": nbytes / H200_BYTES_PER_S, "compute": flops / H200_FP16_FLOPS,
                  "CUDA cores": ops / H200_LANE_OPS}
         bound = max(times, key=times.get)
         kernels[name] = dict(config=config, bytes=int(nbytes), flops=int(flops), lane_ops=int(ops),
@@ -204,19 +210,18 @@ def h200_model_gram(B: int, N: int, C: int, k: int, M: int, elt: int = 2) -> dic
     # dpc_gram._prepare: the stats, then scale, mean, |a|^2 and nmax in one launch (no torch glue)
     add("stats", "32 rows x 64 ch, mean + amax", x_bytes + B * C * 12)
     add("norms", "32 rows x 64 ch, + scale, shift, nmax", x_bytes + B * C * 16 + B * N * 4)
-    add("gram", f"{block}x{block}x{cfg['BLOCK_C']} w{cfg['num_warps']}, {upper} of {tiles * tiles} tiles",
-        x_bytes + matrix, 3 * 2 * B * upper * block * block * C)
+    add("gram", f"{block}x{block}x{cfg['BLOCK_C']} w{cfg['num_warps']}, {upper} of {tiles * tiles} tiles, fp16x3",
+        x_bytes + matrix, 3 * 2 * B * upper * block * block * C, ops=B * upper * 2 * block * C * SPLIT_OPS)
     add("density", rows + f", {SELECT_STEPS}-step select", matrix + B * N * 13,
         ops=B * N * n_pad * (6 + SELECT_STEPS * 3 + 3 + 10))
     add("density_exact", flags, B * N)
     add("delta", rows, matrix + B * N * 25, ops=B * N * n_pad * 12)
-    add("delta_exact", flags, B * N)
-    add("parent_distance", "32 rows x 64 ch", 2 * x_bytes + B * N * 12)
-    add("finish", "32 rows x 128, cap + score", B * N * 21, ops=B * N * N * 6)
+    add("delta_near_ties", "128 rows, exits", B * N)
+    add("finish", "32 rows x 128, parent distance, cap, score", x_bytes + B * N * 29, ops=B * N * N * 6)
     if N <= T.MAX_SELECT_N:
         add("select_centers", f"1 program/image, BLOCK={max(16, 1 << (N - 1).bit_length())}", B * N * 5 + B * M * 8)
     add("assign", f"16 centres x 128 tokens, {M} centres", B * M * N * 4 + B * N * 13, ops=B * M * N * 6)
-    add("assign_exact", flags, B * N)
+    add("assign_near_ties", "128 rows, exits", B * N)
     glue = _glue_launches(B, N, C, k, M, gram_bytes=matrix)
     launches_s = (len(kernels) + glue) * LAUNCH_S
     kernels["glue"] = dict(config=f"{glue} torch ops", bytes=0, flops=0, lane_ops=0, time_s=glue * LAUNCH_S,

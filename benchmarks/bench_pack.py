@@ -4,6 +4,10 @@
 version; ``segment_mean`` against a per-segment loop and ``index_add_``.
 Both are memory-bound: the floor counts bytes only (labels read, perm and
 offsets written; features read, means written).
+
+``python -m benchmarks.bench_pack`` prints ``h200_model_pack``: an ESTIMATE
+(bytes and lane operations, never measured) of the one-launch Triton
+``pack_clusters`` on an H200, with its O(B * B * N) label re-reads.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import torch
 import setok_kernels as sk
 
 from . import baselines as bl
+from .bench_attention import H200_BYTES_PER_S, LAUNCH_S
 from .conftest import pool_size
 
 # (id, B, N, M, C)
@@ -86,3 +91,46 @@ def test_segment_mean(measure, benchmark, device, dtype, case, impl):
     nbytes = (T + B * M) * C * elt
     measure(fn, pool, impl=impl, case=f"segment_mean {name}", role="setok" if impl in SETOK else "baseline",
             bytes=nbytes, shape=dict(T=T, S=B * M, C=C, dtype=str(dtype)[6:]))
+
+
+H200_SM_L2_BYTES_PER_S = 64 * 1.98e9  # one SM's share of L2: 64 B a clock (assumed)
+H200_SM_LANE_OPS = 128 * 1.98e9  # one SM's int lane instructions per second (4 x 32 lanes)
+
+
+def h200_model_pack(B: int, N: int, M: int) -> dict:
+    """ESTIMATED time of triton ``pack_clusters`` (``triton_merge._pack_clusters_kernel``, B programs)
+    on an H200: ``max(all bytes / 4.3 TB/s, the longest program's bytes / one SM's L2 share, its lane
+    ops / one SM) + 5 us`` a launch. Every program reads the B counts and all B * N labels (int64; the
+    counts it gathers per label are L1 hits, not counted), its own labels twice, writes its perm
+    entries and M offsets, and histograms its own labels twice (``pack_histogram_ops`` lane ops a
+    label). Program 0 reads all labels as a histogram per image instead (for ``max_seqlen``), unless
+    that costs more than a fill launch (``pack_atomic_max``: then a zero fill and an atomic max)."""
+    from setok_kernels import triton_merge as TM
+
+    hist = TM.pack_histogram_ops(M)
+    atomic = TM.pack_atomic_max(B, N, M)
+    per_program = B * 8 + B * N * 8 + 2 * N * 8 + N * 8 + M * 4 + 4
+    nbytes = B * per_program + 8
+    # the longest program: its scan of all labels (a histogram per image in program 0, else ~6 ops a
+    # label), its own counts and placement (histograms, a gather, the BLOCK_T-wide rank compare)
+    ops = B * N * (6 if atomic else hist) + N * (2 * hist + 2 * TM._PACK_BLOCK_T + 16)
+    times = {"DRAM": nbytes / H200_BYTES_PER_S, "one program's L2": per_program / H200_SM_L2_BYTES_PER_S,
+             "one program's lanes": ops / H200_SM_LANE_OPS}
+    bound = max(times, key=times.get)
+    launches = 2 if atomic else 1
+    return dict(bytes=nbytes, rereads=B * B * N * 8, program_bytes=per_program, lane_ops=ops, times=times,
+                bound=bound, launches=launches, time_s=times[bound] + launches * LAUNCH_S, estimate=True)
+
+
+def _print_model() -> None:
+    for name, B, N, M, _ in CUDA_CASES:
+        m = h200_model_pack(B, N, M)
+        parts = ", ".join(f"{k} {v * 1e6:.2f} us" for k, v in m["times"].items())
+        print(f"pack_clusters {name[: name.rindex('-C')]} triton ({m['launches']} launch{'es' if m['launches'] > 1 else ''}): ESTIMATE "
+              f"{m['time_s'] * 1e6:.1f} us on an H200 ({m['bound']} bound + {m['launches'] * LAUNCH_S * 1e6:.0f} us "
+              f"of launches), not measured; {m['bytes'] / 1e6:.2f} MB moved ({m['rereads'] / 1e6:.2f} MB of label "
+              f"re-reads), {parts}")
+
+
+if __name__ == "__main__":
+    _print_model()

@@ -285,12 +285,25 @@ def _merge_cases() -> None:
                           x, labels, num, weight, 1e-6, centres, blend)
 
 
+def _pack_cases() -> None:
+    """``pack_clusters``: every M_PAD bucket (M up to the backend's 1024, powers of two or not), int32 and
+    int64 labels, one image (an int equal to 1) or several, N not divisible by 16; max_seqlen by program 0
+    and atomic (B * N * lane ops over PACK_MAX_LANE_OPS: B = 32, N = 729 at M_PAD >= 256; B = 512, N = 255 at all)."""
+    for B, N in ((32, 729), (1, 64), (512, 255)):
+        for M in (1, 20, 37, 100, 200, 500, 729):
+            num = torch.full((B,), M)
+            for dtype in (torch.int64, torch.int32):
+                labels = torch.randint(0, M, (B, N)).to(dtype)
+                _call("pack_clusters", dtype, dict(B=B, N=N, M=M), labels, num.to(dtype), M)
+
+
 def record_launches(arch: int = 90) -> list[Launch]:
     """Every Triton launch the backends make over the case grid on a GPU of ``arch`` (nothing runs)."""
     launches: list[Launch] = []
     with _recording(launches), torch.no_grad(), _arch.target(arch):
         _dpc_cases()
         _merge_cases()
+        _pack_cases()
         _attention_cases(_arch.family(torch.device("cuda")))
     return launches
 

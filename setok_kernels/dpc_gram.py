@@ -14,16 +14,21 @@ after it reads the matrix:
    launches (``_gram_stats_kernel``, ``_gram_norms_kernel``): its ~20 torch
    ops (scale, mean, nmax), a launch each, run inside the second.
 1. ``_gram_kernel``: the tiles on and above the diagonal of each image's
-   matrix, with ``triton_dpc``'s distance tile (``_sq_dist_tile``: centred,
-   power-of-two scaled features, tf32x3 products, the norm trick, noise
-   snapped to 0), each tile also stored transposed: the matrix is exactly
-   symmetric. Why not cuBLAS on the centred float32 features: at W2 (C=1152)
-   one all-pairs product is 39 GFLOP; cuBLAS float32 runs it on CUDA cores
-   (67 TFLOP/s: 585 us), and cuBLAS TF32 (395 TFLOP/s: 99 us) keeps 10
-   mantissa bits (~2^-11 relative, and only while a global torch flag allows
-   TF32), 2^8 times the error the certificates below assume, so most rows
-   would be flagged and redone on CUDA cores. tf32x3 on 78 of the 144 padded
-   tiles: 71 GFLOP at 395 TFLOP/s = 179 us, at float32 accuracy.
+   matrix, as ``triton_dpc``'s distance tile (centred, power-of-two scaled
+   features, the norm trick, noise snapped to 0) but with the products in
+   float16 x3 (``_split_dot_tile``): each image's features scaled by a power
+   of two so the largest real norm sits just below float16's range, split
+   into hi + lo float16 parts (22 bits, as tf32x3's split) and multiplied as
+   lo.hi + hi.lo + hi.hi on the float16 tensor cores: tf32x3's accuracy
+   (the same bound, SNAP) at twice its rate. Each tile is also stored
+   transposed, the diagonal tiles mirrored: the matrix is exactly
+   symmetric. Why not cuBLAS: at W2 (C=1152) one all-pairs product is 39
+   GFLOP; float32 cuBLAS runs on CUDA cores (67 TFLOP/s: 585 us), and TF32
+   (395 TFLOP/s: 99 us) keeps 10 mantissa bits (~2^-11 relative, and only
+   while a global torch flag allows TF32), 2^8 times the error the
+   certificates below assume, so most rows would be flagged and redone on
+   CUDA cores. float16 x3 on 78 of the 144 padded tiles: 71 GFLOP at 790
+   TFLOP/s = 90 us, at float32 accuracy.
 2. ``_gram_density_kernel``: per row, the k-th smallest value by a bisection
    on the values' bits within the row's range that stops once one value is
    left (``_kth_smallest``: compares and counts, no serial merge; ~12 steps
@@ -32,19 +37,28 @@ after it reads the matrix:
    much on the GPU but takes ~1 s a program in Triton's interpreter (CI).
 3. ``_gram_delta_kernel``: nearest denser token (smallest index on ties),
    the runner-up's distance, and rmax (the row's largest distance).
-4. ``_gram_finish_kernel``: the cap of ``"column_max"`` (``cap_i = min rmax_j``
-   over the real j not denser than i: ``reference.column_max_cap`` without a
-   sort), or ``"global_max"``'s fill, then delta and the score.
+4. ``_gram_finish_kernel``: the distance to the parent from differences
+   (``triton_dpc._parent_distance``), the cap of ``"column_max"`` (``cap_i =
+   min rmax_j`` over the real j not denser than i: ``reference.column_max_cap``
+   without a sort), or ``"global_max"``'s fill, then delta and the score.
 5. ``_gram_assign_kernel``: nearest centre of each token, read from the centres'
    rows (contiguous; the matrix is symmetric).
+6. ``_gram_near_ties_kernel`` after 3 and after 5: the flagged near ties (below).
 
-Exactness is the streaming path's: each row pass writes the same (B, N) flags
-under the same bounds as its ``triton_dpc`` counterpart (k-nearest mean,
-runner-up denser token, runner-up centre within the norm trick's error), and
-the flagged rows are redone from differences by the same EXACT launches
-(``triton_dpc._twice(..., exact_only=True)``); the distance to the parent is
-recomputed from differences for every row (``_parent_distance_kernel``). No
-host reads: the whole path is sync-free and CUDA-graph capturable.
+Exactness is the streaming path's: each row pass certifies its rows under the
+same bounds as its ``triton_dpc`` counterpart (k-nearest mean, runner-up denser
+token, runner-up centre within the norm trick's error) and flags the others. A
+density it cannot certify (an ill-conditioned row: the k nearest all near 0
+next to the norms) is redone from differences by the streaming path's EXACT
+launch (``triton_dpc._twice(..., exact_only=True)``). A parent or label it
+cannot certify (a near tie) is decided by ``_gram_near_ties_kernel`` from the
+exact distances to the few candidates within the bound of the nearest: a near
+tie costs two or three C-long differences, where the EXACT launch redoes the
+row against all N columns on one warp (at W2, 16 x 729 x 1152 FMAs on 32
+lanes: ~0.2 ms on an H200 for a block with one such row, an estimate). The
+distance to the parent is recomputed from differences for every row (in
+``_gram_finish_kernel``). No host reads: the whole path is sync-free and
+CUDA-graph capturable.
 
 Why a bisection and not a radix (histogram) select: Triton's ``tl.histogram``
 counts with warp ballots, about numBins/32 x log2(numBins) lane operations per
@@ -62,11 +76,18 @@ import torch
 from . import triton_dpc as T
 from ._triton import jit as _jit
 from ._triton import pow2, tl, triton
-from .triton_dpc import KNN_TOL, SNAP, _real_tokens, _sq_dist_tile
+from .triton_dpc import KNN_TOL, SNAP, _parent_distance, _real_tokens
 
 GRAM_BUDGET = 256 << 20  # bytes of the (B, N, N) float32 matrix: W2 (68 MB) with room, one image up to MAX_ROW
 MAX_ROW = 8192  # a row block of the row passes lives in one program's registers
 ROW_ELEMENTS = 4096  # matrix entries per program in the row passes
+# channels per step of every row's parent distance (finish)
+_FINISH_C = 32
+# near ties: rows per program (most programs only read their flags) and channels per step; warps grow
+# with the row (N / 512: a 8192-token row on 4 warps spills 128-256 B on sm_90; 4 warps spill 4 B at
+# N = 512 under triton 3.6)
+_TIES_ROWS = 128
+_TIES_C = 128
 
 
 def budget() -> int:
@@ -185,9 +206,51 @@ def _gram_norms_kernel(
 
 
 @_jit
+def _split_dot_tile(
+    x_img,
+    shift_img,
+    inv_s,
+    up,
+    rows,
+    cols,
+    row_ok,
+    col_ok,
+    stride_n,
+    stride_c,
+    C: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """(BLOCK, BLOCK) dot products 2^p a_i . 2^p a_j of the centred, scaled tokens ``a = x / s - shift``
+    (``up`` = 2^p, see ``_gram_kernel``), as three float16 products of the split ``2^p a = hi + lo``."""
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    row_off = rows * stride_n
+    col_off = cols * stride_n
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = offs_c < C
+        sh = tl.load(shift_img + offs_c, mask=c_ok, other=0.0)
+        a = tl.load(x_img + row_off[:, None] + offs_c[None, :] * stride_c, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        b = tl.load(x_img + col_off[None, :] + offs_c[:, None] * stride_c, mask=c_ok[:, None] & col_ok[None, :], other=0.0)
+        # tokens that are not real are 0, not -shift: nmax does not bound them
+        a = tl.where(row_ok[:, None], (a.to(tl.float32) * inv_s - sh[None, :]) * up, 0.0)
+        b = tl.where(col_ok[None, :], (b.to(tl.float32) * inv_s - sh[:, None]) * up, 0.0)
+        a_hi = a.to(tl.float16)
+        b_hi = b.to(tl.float16)
+        a_lo = (a - a_hi.to(tl.float32)).to(tl.float16)
+        b_lo = (b - b_hi.to(tl.float32)).to(tl.float16)
+        # the small products first; lo x lo (<= 2^-22 of |a_ic a_jc|) is left out
+        acc = tl.dot(a_lo, b_hi, acc)
+        acc = tl.dot(a_hi, b_lo, acc)
+        acc = tl.dot(a_hi, b_hi, acc)
+    return acc
+
+
+@_jit
 def _gram_kernel(
     x_ptr,
     nrm_ptr,
+    nmax_ptr,
     mask_ptr,
     shift_ptr,
     inv_ptr,
@@ -201,9 +264,16 @@ def _gram_kernel(
     HAS_MASK: tl.constexpr,
     BLOCK: tl.constexpr,
     BLOCK_C: tl.constexpr,
-    PRECISION: tl.constexpr,
 ):
-    """Tile (i, j), j >= i, of an image's scaled squared distances, stored at (i, j) and transposed at (j, i)."""
+    """Tile (i, j), j >= i, of an image's scaled squared distances, stored at (i, j) and transposed at (j, i).
+
+    Products: float16 x3 on 2^p a, 2^p the power of two that puts the largest real |a_i| (sqrt(nmax))
+    in [2^13, 2^14): no component overflows float16 (65504). A component's split hi = fp16(a),
+    lo = fp16(a - hi) keeps 22 bits, as tf32x3's does (lo x lo left out: <= 2^-22 |a_ic a_jc|), so
+    the norm trick's bound is tf32x3's (SNAP); below float16's normal range (2^-14 in these units)
+    the split is off by at most 2^-25, i.e. 2^-38 sqrt(nmax): with C <= 2^16 channels at most
+    2^-29 nmax in a dot product, 2^-10 of SNAP's bound.
+    """
     ti = tl.program_id(0)
     tj = tl.program_id(1)
     if tj >= ti:
@@ -215,8 +285,20 @@ def _gram_kernel(
         col_ok = _real_tokens(mask_img, cols, N, HAS_MASK)
         nrm_r = tl.load(nrm_ptr + b * N + rows, mask=rows < N, other=0.0)
         nrm_c = tl.load(nrm_ptr + b * N + cols, mask=cols < N, other=0.0)
-        d2 = _sq_dist_tile(x_ptr + b * stride_b, shift_ptr + b * C, tl.load(inv_ptr + b), rows, cols, row_ok, col_ok,
-                           nrm_r, nrm_c, stride_n, stride_c, C, inv_c, BLOCK, BLOCK, BLOCK_C, PRECISION, False)
+        # nmax = m 2^E (m in [1, 2)): sqrt(nmax) < 2^h, h = ceil((E + 1) / 2); p = 14 - h, clamped so
+        # that 2^p and 2^-2p are normal (nmax = 0: all real tokens equal, every product 0)
+        e = (tl.load(nmax_ptr + b).to(tl.int32, bitcast=True) >> 23) - 127
+        p = tl.minimum(tl.maximum(14 - ((e + 2) >> 1), -60), 60)
+        up = ((p + 127) << 23).to(tl.float32, bitcast=True)
+        down = ((127 - 2 * p) << 23).to(tl.float32, bitcast=True)
+        acc = _split_dot_tile(x_ptr + b * stride_b, shift_ptr + b * C, tl.load(inv_ptr + b), up, rows, cols, row_ok,
+                              col_ok, stride_n, stride_c, C, BLOCK, BLOCK_C) * down
+        total = nrm_r[:, None] + nrm_c[None, :]
+        d2 = total - 2.0 * acc
+        # triton_dpc._sq_dist_tile's snap: values within the bound are 0 (exact duplicates tie)
+        d2 = tl.where((d2 <= SNAP * total) | (rows[:, None] == cols[None, :]), 0.0, d2) * inv_c
+        if tj == ti:  # the lower triangle from the upper one: exactly symmetric (the products' sums are not)
+            d2 = tl.where(rows[:, None] <= cols[None, :], d2, tl.trans(d2))
         out_img = out_ptr + b * N * N
         inside = (rows < N)[:, None] & (cols < N)[None, :]
         tl.store(out_img + rows[:, None] * N + cols[None, :], d2, mask=inside)
@@ -358,16 +440,16 @@ def _gram_delta_kernel(
     N_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
+    """Nearest denser token (smallest index on ties) and rmax of a block of rows; a row whose runner-up
+    is within the error bounds of the nearest (``triton_dpc._delta_kernel``'s certificate) is flagged
+    for ``_gram_near_ties_kernel``."""
     b = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     d2, row_ok, col_ok, cols = _load_rows(d2_ptr, mask_ptr, b, rows, N, 0.0, HAS_MASK, N_PAD)
     out = b * N + rows
     dens_r = tl.load(dens_ptr + out, mask=rows < N, other=0.0)
     dens_c = tl.load(dens_ptr + b * N + cols, mask=cols < N, other=0.0)
-    denser = dens_c[None, :] > dens_r[:, None]
-    if TIE_INDEX:  # equal density: the lower index is the denser
-        denser = denser | ((dens_c[None, :] == dens_r[:, None]) & (cols[None, :] < rows[:, None]))
-    denser = denser & col_ok[None, :]
+    denser = _denser(dens_c[None, :], dens_r[:, None], cols[None, :], rows[:, None], TIE_INDEX) & col_ok[None, :]
     cand = tl.where(denser, d2, float("inf"))
     best = tl.min(cand, axis=1)
     best_j = tl.min(tl.where(denser & (cand == best[:, None]), cols[None, :], N), axis=1)
@@ -376,16 +458,141 @@ def _gram_delta_kernel(
     tl.store(parent_ptr + out, tl.where(has, best_j, -1).to(tl.int64), mask=rows < N)
     far = tl.max(d2, axis=1)  # 0 outside the real pairs: d2 >= 0
     tl.store(far_ptr + out, tl.sqrt(far) * tl.load(scale_ptr + b), mask=rows < N)
-    # triton_dpc._delta_kernel's certificate
     nrm_r = tl.load(nrm_ptr + out, mask=rows < N, other=0.0)
-    err = SNAP * (nrm_r + tl.load(nmax_ptr + b)) * inv_c
-    unsure = has & (second <= best + 2.0 * err)
+    unsure = has & (second <= best + 2.0 * SNAP * (nrm_r + tl.load(nmax_ptr + b)) * inv_c)
     tl.store(unsure_ptr + out, unsure.to(tl.int8), mask=rows < N)
 
 
 @_jit
+def _denser(
+    dens_c,
+    dens_r,
+    cols,
+    rows,
+    TIE_INDEX: tl.constexpr,
+):
+    """Column j denser than row i, operands broadcast by the caller (``"index"``: equal densities, the
+    lower index)."""
+    denser = dens_c > dens_r
+    if TIE_INDEX:
+        denser = denser | ((dens_c == dens_r) & (cols < rows))
+    return denser
+
+
+@_jit
+def _row_err(
+    nrm_ptr,
+    nmax_ptr,
+    b,
+    rows,
+    N,
+    inv_c,
+):
+    """``triton_dpc``'s bound on the norm trick's error of a row's matrix entries: SNAP (|a_i|^2 + nmax) / C."""
+    nrm = tl.load(nrm_ptr + b * N + rows, mask=rows < N, other=0.0)
+    return SNAP * (nrm + tl.load(nmax_ptr + b)) * inv_c
+
+
+@_jit
+def _gram_near_ties_kernel(
+    d2_ptr,
+    x_ptr,
+    nrm_ptr,
+    nmax_ptr,
+    mask_ptr,
+    inv_ptr,
+    dens_ptr,
+    centers_ptr,
+    num_ptr,
+    unsure_ptr,
+    out_ptr,
+    N,
+    M,
+    C: tl.constexpr,
+    inv_c,
+    stride_b,
+    stride_n,
+    stride_c,
+    LABELS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    TIE_INDEX: tl.constexpr,
+    N_PAD: tl.constexpr,
+    S_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """The flagged rows of a block (near ties the matrix cannot decide), one at a time: their parent
+    (``LABELS`` off) or label (on) from exact distances to the few candidates within 2 err of the
+    matrix's nearest, the only ones that can be the nearest (any other is farther than it by more than
+    both errors), in ascending index or slot (the smaller keeps an exact tie). Programs without a
+    flagged row exit after reading their flags."""
+    b = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    flags = tl.load(unsure_ptr + b * N + rows, mask=rows < N, other=0) != 0
+    todo = tl.where(tl.max(flags.to(tl.int32), axis=0) > 0, BLOCK_N, 0)
+    x_img = x_ptr + b * stride_b
+    inv_s = tl.load(inv_ptr + b)
+    err = _row_err(nrm_ptr, nmax_ptr, b, rows, N, inv_c)
+    i = 0
+    while i < todo:
+        pick = tl.arange(0, BLOCK_N) == i
+        if tl.max(tl.where(pick, flags, False).to(tl.int32), axis=0) > 0:
+            r = tl.program_id(0) * BLOCK_N + i
+            r_err = tl.max(tl.where(pick, err, 0.0), axis=0)
+            if LABELS:  # candidates: the centres' slots, cost = the centre's matrix entry
+                num = tl.minimum(tl.maximum(tl.load(num_ptr + b), 0), M).to(tl.int32)
+                idx = tl.arange(0, S_PAD)
+                ok = idx < num
+                cents = tl.minimum(tl.maximum(tl.load(centers_ptr + b * M + idx, mask=ok, other=0), 0), N - 1)
+                cost = tl.load(d2_ptr + (b * N + cents) * N + r, mask=ok, other=float("inf"))
+                partner = cents
+            else:  # candidates: the denser tokens
+                idx = tl.arange(0, N_PAD)
+                ok = _real_tokens(mask_ptr + b * N, idx, N, HAS_MASK)
+                dens_c = tl.load(dens_ptr + b * N + idx, mask=idx < N, other=0.0)
+                ok = ok & _denser(dens_c, tl.load(dens_ptr + b * N + r), idx, r, TIE_INDEX)
+                cost = tl.load(d2_ptr + (b * N + r) * N + idx, mask=ok, other=float("inf"))
+                partner = idx
+            left = ok & (cost <= tl.min(cost, axis=0) + 2.0 * r_err)
+            exact = float("inf")
+            nxt = tl.min(tl.where(left, idx, N_PAD), axis=0)
+            while nxt < N_PAD:
+                o = tl.max(tl.where(idx == nxt, partner, 0), axis=0)
+                d = _sq_diff(x_img, r, o, inv_s, stride_n, stride_c, C, BLOCK_C)
+                if d < exact:
+                    exact = d
+                    tl.store(out_ptr + b * N + r, nxt.to(tl.int64))
+                nxt = tl.min(tl.where(left & (idx > nxt), idx, N_PAD), axis=0)
+        i += 1
+
+
+@_jit
+def _sq_diff(
+    x_img,
+    r,
+    o,
+    inv_s,
+    stride_n,
+    stride_c,
+    C: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """|x_r / s - x_o / s|^2 from differences in float32 (a duplicate is at exactly 0)."""
+    offs = tl.arange(0, BLOCK_C)
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        ok = c0 + offs < C
+        a = tl.load(x_img + r * stride_n + (c0 + offs) * stride_c, mask=ok, other=0.0).to(tl.float32) * inv_s
+        p = tl.load(x_img + o * stride_n + (c0 + offs) * stride_c, mask=ok, other=0.0).to(tl.float32) * inv_s
+        acc += (a - p) * (a - p)
+    return tl.sum(acc, axis=0)
+
+
+@_jit
 def _gram_finish_kernel(
-    dpar_ptr,
+    x_ptr,
+    inv_ptr,
+    scale_ptr,
     far_ptr,
     dens_ptr,
     parent_ptr,
@@ -393,11 +600,17 @@ def _gram_finish_kernel(
     delta_ptr,
     score_ptr,
     N,
+    C: tl.constexpr,
+    inv_c,
+    stride_b,
+    stride_n,
+    stride_c,
     HAS_MASK: tl.constexpr,
     COLUMN_MAX: tl.constexpr,
     TIE_INDEX: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """delta = min(exact distance to the parent, cap) (``"column_max"``) or the image's largest rmax for
     tokens without a parent (``"global_max"``); score = density * delta (0 where the density is)."""
@@ -407,7 +620,9 @@ def _gram_finish_kernel(
     row_ok = _real_tokens(mask_img, rows, N, HAS_MASK)
     out = b * N + rows
     dens_r = tl.load(dens_ptr + out, mask=rows < N, other=0.0)
-    delta = tl.load(dpar_ptr + out, mask=rows < N, other=0.0)
+    par = tl.load(parent_ptr + out, mask=rows < N, other=-1)
+    delta = _parent_distance(x_ptr + b * stride_b, par, rows, N, tl.load(inv_ptr + b), tl.load(scale_ptr + b),
+                             stride_n, stride_c, C, inv_c, BLOCK_M, BLOCK_C)
     if COLUMN_MAX:
         fill = tl.full((BLOCK_M,), float("inf"), tl.float32)
     else:
@@ -419,9 +634,7 @@ def _gram_finish_kernel(
         far_c = tl.load(far_ptr + b * N + cols, mask=cols < N, other=0.0)
         if COLUMN_MAX:  # the smallest rmax over the real tokens not denser than the row
             dens_c = tl.load(dens_ptr + b * N + cols, mask=cols < N, other=0.0)
-            denser = dens_c[None, :] > dens_r[:, None]
-            if TIE_INDEX:
-                denser = denser | ((dens_c[None, :] == dens_r[:, None]) & (cols[None, :] < rows[:, None]))
+            denser = _denser(dens_c[None, :], dens_r[:, None], cols[None, :], rows[:, None], TIE_INDEX)
             fill = tl.minimum(fill, tl.min(tl.where(col_ok[None, :] & ~denser, far_c[None, :], float("inf")), axis=1))
         else:  # the image's largest rmax
             fill = tl.maximum(fill, tl.max(tl.where(col_ok, far_c, -float("inf")), axis=0))
@@ -429,7 +642,7 @@ def _gram_finish_kernel(
     if COLUMN_MAX:
         delta = tl.minimum(delta, fill)
     else:
-        delta = tl.where(tl.load(parent_ptr + out, mask=rows < N, other=0) < 0, fill, delta)
+        delta = tl.where(par < 0, fill, delta)
     delta = tl.where(row_ok, delta, 0.0)
     tl.store(delta_ptr + out, delta, mask=rows < N)
     tl.store(score_ptr + out, tl.where(dens_r == 0.0, 0.0, dens_r * delta), mask=rows < N)
@@ -453,7 +666,8 @@ def _gram_assign_kernel(
     BLOCK_N: tl.constexpr,
 ):
     """Labels of a block of tokens: the nearest of the image's centres (earlier slot on ties), read from
-    the centres' rows; a centre labels itself."""
+    the centres' rows; a centre labels itself. A token whose runner-up centre is within the error
+    bounds (``triton_dpc._assign_kernel``'s certificate) is flagged for ``_gram_near_ties_kernel``."""
     b = tl.program_id(1).to(tl.int64)
     toks = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     tok_ok = _real_tokens(mask_ptr + b * N, toks, N, HAS_MASK)
@@ -465,30 +679,42 @@ def _gram_assign_kernel(
     s0 = 0
     while s0 < num:
         slots = s0 + tl.arange(0, BLOCK_S)
-        slot_ok = slots < num
-        # bad indices (validation off) are clamped: never read out of bounds
-        cents = tl.load(centers_ptr + b * M + slots, mask=slot_ok, other=0)
-        cents = tl.minimum(tl.maximum(cents, 0), N - 1).to(tl.int32)
-        cost = tl.load(d2_ptr + b * N * N + cents[:, None] * N + toks[None, :],
-                       mask=slot_ok[:, None] & (toks < N)[None, :], other=float("inf"))
+        cents, cost = _centre_costs(d2_ptr + b * N * N, centers_ptr + b * M, slots, num, toks, N)
         t_min = tl.min(cost, axis=0)
-        t_arg = tl.min(tl.where(slot_ok[:, None] & (cost == t_min[None, :]), slots[:, None], M), axis=0)
+        t_arg = tl.min(tl.where((slots < num)[:, None] & (cost == t_min[None, :]), slots[:, None], M), axis=0)
         t_second = tl.min(tl.where(slots[:, None] == t_arg[None, :], float("inf"), cost), axis=0)
         better = (t_arg < M) & (t_min < best)
         second = tl.where(better, tl.minimum(best, t_second), tl.minimum(second, t_min))
         best = tl.where(better, t_min, best)
         best_s = tl.where(better, t_arg, best_s)
-        is_self = slot_ok[:, None] & (cents[:, None] == toks[None, :])
+        is_self = (slots < num)[:, None] & (cents[:, None] == toks[None, :])
         own = tl.maximum(own, tl.max(tl.where(is_self, slots[:, None], -1), axis=0))
         s0 += BLOCK_S
     label = tl.where(own >= 0, own, best_s)
     out = b * N + toks
     tl.store(labels_ptr + out, tl.where(tok_ok & (num > 0), label, -1).to(tl.int64), mask=toks < N)
-    # triton_dpc._assign_kernel's certificate
-    nrm = tl.load(nrm_ptr + out, mask=toks < N, other=0.0)
-    err = SNAP * (nrm + tl.load(nmax_ptr + b)) * inv_c
+    err = _row_err(nrm_ptr, nmax_ptr, b, toks, N, inv_c)
     unsure = tok_ok & (own < 0) & (best < float("inf")) & (second <= best + 2.0 * err)
     tl.store(unsure_ptr + out, unsure.to(tl.int8), mask=toks < N)
+
+
+@_jit
+def _centre_costs(
+    d2_img,
+    centers_img,
+    slots,
+    num,
+    toks,
+    N,
+):
+    """The centres of ``slots`` (< num; bad indices, validation off, clamped: never read out of bounds)
+    and their matrix rows at ``toks``, inf outside."""
+    slot_ok = slots < num
+    cents = tl.load(centers_img + slots, mask=slot_ok, other=0)
+    cents = tl.minimum(tl.maximum(cents, 0), N - 1).to(tl.int32)
+    cost = tl.load(d2_img + cents[:, None] * N + toks[None, :], mask=slot_ok[:, None] & (toks < N)[None, :],
+                   other=float("inf"))
+    return cents, cost
 
 
 # ----------------------------------------------------------------- host side
@@ -532,8 +758,8 @@ def _distances(x, p: T._Prepared) -> torch.Tensor:
     tiles = triton.cdiv(N, block)
     d2 = torch.empty(B, N, N, dtype=torch.float32, device=x.device)
     _gram_kernel[(tiles, tiles, B)](
-        x, p.norms, p.mask_t, p.shift, p.inv, d2, N, C, 1.0 / C, *x.stride(), HAS_MASK=p.has_mask, BLOCK=block,
-        BLOCK_C=cfg["BLOCK_C"], PRECISION=cfg["PRECISION"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        x, p.norms, p.nmax, p.mask_t, p.shift, p.inv, d2, N, C, 1.0 / C, *x.stride(), HAS_MASK=p.has_mask, BLOCK=block,
+        BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return d2
 
@@ -567,19 +793,13 @@ def _delta(x, density, densest_delta, tie_break, p: T._Prepared, d2):
         d2, p.norms, p.nmax, p.mask_t, p.scale, dens, parent, far, unsure, N, 1.0 / C,
         HAS_MASK=p.has_mask, TIE_INDEX=tie_index, N_PAD=n_pad, BLOCK_M=block_m, num_warps=warps,
     )
-    args = (x, p.norms, p.nmax, p.mask_t, p.shift, p.scale, p.inv, dens, parent, far, unsure, N, C, 1.0 / C,
-            *x.stride())
-    T._twice(T._delta_kernel, B, N, args, exact_only=True, HAS_MASK=p.has_mask, TIE_INDEX=tie_index)
-    dpar = torch.empty(B, N, dtype=torch.float32, device=x.device)
-    T._parent_distance_kernel[T._grid(N, B, 32)](
-        x, parent, p.inv, p.scale, dpar, N, C, 1.0 / C, *x.stride(),
-        BLOCK_M=32, BLOCK_C=min(64, pow2(C)),
-    )
+    _near_ties(x, p, d2, unsure, parent, dens=dens, tie_index=tie_index)
     delta = torch.empty(B, N, dtype=torch.float32, device=x.device)
     score = torch.empty(B, N, dtype=torch.float32, device=x.device)
     _gram_finish_kernel[T._grid(N, B, 32)](
-        dpar, far, dens, parent, p.mask_t, delta, score, N, HAS_MASK=p.has_mask,
-        COLUMN_MAX=densest_delta == "column_max", TIE_INDEX=tie_index, BLOCK_M=32, BLOCK_N=128,
+        x, p.inv, p.scale, far, dens, parent, p.mask_t, delta, score, N, C, 1.0 / C, *x.stride(),
+        HAS_MASK=p.has_mask, COLUMN_MAX=densest_delta == "column_max", TIE_INDEX=tie_index, BLOCK_M=32,
+        BLOCK_N=128, BLOCK_C=min(_FINISH_C, pow2(C)), num_warps=8,  # 4 spill 4 B on sm_90 (fp32, triton 3.6)
     )
     return delta, parent, score
 
@@ -594,10 +814,22 @@ def _assign(x, centers, num_clusters, p: T._Prepared, d2):
         d2, p.norms, p.nmax, p.mask_t, centers, num_clusters, labels, unsure, N, M, 1.0 / C,
         HAS_MASK=p.has_mask, BLOCK_S=16, BLOCK_N=128, num_warps=8,  # 4 warps spill 4 B on sm_80 (fp32, masked)
     )
-    args = (x, p.norms, p.nmax, p.mask_t, p.shift, p.inv, centers, num_clusters, labels, unsure, N, C, M, 1.0 / C,
-            *x.stride())
-    T._twice(T._assign_kernel, B, N, args, exact_only=True, HAS_MASK=p.has_mask, COSINE=False)
+    _near_ties(x, p, d2, unsure, labels, centers=centers, num_clusters=num_clusters)
     return labels
+
+
+def _near_ties(x, p: T._Prepared, d2, unsure, out, dens=None, tie_index=False, centers=None, num_clusters=None):
+    """``_gram_near_ties_kernel`` over the rows ``unsure`` flags: parents into ``out`` (``dens`` given) or
+    labels (``centers`` and ``num_clusters`` given)."""
+    B, N, C = x.shape
+    labels = centers is not None
+    M = centers.shape[1] if labels else 1
+    _gram_near_ties_kernel[(triton.cdiv(N, _TIES_ROWS), B)](
+        d2, x, p.norms, p.nmax, p.mask_t, p.inv, dens if dens is not None else p.norms, centers if labels else unsure,
+        num_clusters if labels else unsure, unsure, out, N, M, C, 1.0 / C, *x.stride(),
+        LABELS=labels, HAS_MASK=p.has_mask, TIE_INDEX=tie_index, N_PAD=pow2(N, 16), S_PAD=pow2(M, 16),
+        BLOCK_N=_TIES_ROWS, BLOCK_C=min(_TIES_C, pow2(C)), num_warps=max(8, pow2(N) // 512),
+    )
 
 
 # fns with the signatures of triton_dpc's (ops.py's backend signatures)

@@ -552,10 +552,29 @@ def _parent_distance_kernel(
     b = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     par = tl.load(parent_ptr + b * N + rows, mask=rows < N, other=-1)
+    d = _parent_distance(x_ptr + b * stride_b, par, rows, N, tl.load(inv_ptr + b), tl.load(scale_ptr + b),
+                         stride_n, stride_c, C, inv_c, BLOCK_M, BLOCK_C)
+    tl.store(out_ptr + b * N + rows, d, mask=rows < N)
+
+
+@_jit
+def _parent_distance(
+    x_img,
+    par,
+    rows,
+    N,
+    inv_s,
+    scale,
+    stride_n,
+    stride_c,
+    C: tl.constexpr,
+    inv_c,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Distances of ``rows`` to their parents ``par`` (< 0: none, inf) from differences."""
     has = par >= 0
     par = tl.minimum(tl.maximum(par, 0), N - 1)
-    inv_s = tl.load(inv_ptr + b)
-    x_img = x_ptr + b * stride_b
     acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
@@ -564,8 +583,7 @@ def _parent_distance_kernel(
         p = tl.load(x_img + par[:, None] * stride_n + offs_c[None, :] * stride_c, mask=ok, other=0.0)
         diff = a.to(tl.float32) * inv_s - p.to(tl.float32) * inv_s
         acc += tl.sum(diff * diff, axis=1)
-    d = tl.sqrt(acc * inv_c) * tl.load(scale_ptr + b)
-    tl.store(out_ptr + b * N + rows, tl.where(has, d, float("inf")), mask=rows < N)
+    return tl.where(has, tl.sqrt(acc * inv_c) * scale, float("inf"))
 
 
 @_jit

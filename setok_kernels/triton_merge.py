@@ -1,4 +1,4 @@
-"""Triton ``merge_clusters`` and its backward (the ``triton`` backend of those ops).
+"""Triton ``merge_clusters`` and its backward, and ``pack_clusters`` (the ``triton`` backend of those ops).
 
 Same kernels as the native CUDA ones (csrc/cuda/bookkeeping.cu), tiled:
 
@@ -10,23 +10,67 @@ Same kernels as the native CUDA ones (csrc/cuda/bookkeeping.cu), tiled:
 - ``_merge_tokens_backward_kernel``, one program per token: its gradient as
   a non-centre member and as a centre (see ``reference._merge_clusters_backward``).
 
-Every output element is written by one program, in a fixed order: no
-atomics, deterministic, no host sync. On CPU tensors it runs in Triton's
-interpreter (``TRITON_INTERPRET=1``), for tests.
+``pack_clusters`` is one launch (plus a fill where ``max_seqlen`` takes the
+atomic path, below), ``_pack_clusters_kernel``, one program per image b (the reference, ``reference._pack_clusters``, is ~8 torch launches;
+the native CUDA one a sort, scans and a max). Program b
+
+- sums the clamped ``num_clusters`` of all images: ``cu_clusters[b + 1]`` and
+  its live segments' first slot;
+- counts the packed tokens of every image before b (its token offset) and of
+  all images (where the empty segments' offsets and the unpacked tail start)
+  by re-reading all B * N labels: O(B * B * N) label reads over the grid,
+  mostly L2 hits (the labels are read from DRAM about once). The backend
+  declines B * B * N > ``PACK_SCAN_LIMIT`` (2^26) and M > ``PACK_MAX_M``
+  (1024: per-label counters live in registers); the dispatcher falls back;
+- counts its own labels (``tl.histogram`` over M_PAD = next power of two of
+  M bins), scans them into its live ``cu_seqlens`` entries, writes its empty
+  segments' entries (the packed total), then places each token: a packed one
+  at offset + segment start + its stable rank in its cluster (the cluster's
+  count in earlier token blocks, ``tl.gather``-ed, plus equal labels at lower
+  indices in its block: a BLOCK_T x BLOCK_T compare), an unpacked one at the
+  tail, after the packed total and every unpacked token before it.
+
+``max_seqlen`` (the longest segment of all images) is computed by program 0
+alone, deterministically and in the same launch: its pass over all B * N
+labels (where the others just count) is a histogram per image, also giving
+the packed total, at ``pack_histogram_ops(M)`` lane operations per label
+(Triton's histogram counts with warp ballots: ~(M_PAD / 32) * log2(M_PAD)),
+20 at M = 64: ~2 us of one SM at B = 32, N = 729, about the others' scan
+(~1.6 us of one SM's L2 share). Where that pass would cost more than
+``PACK_MAX_LANE_OPS`` (2^20, ~4 us: more than a launch), e.g. M = N = 729
+(~400 a label), ``ATOMIC_MAX`` instead: max_seqlen is zero-filled (one fill
+launch) and each program ``atomic_max``-es its own longest segment into it,
+the same maximum in any order. Every program histogramming every image would
+cost B times the lane work. Cost model: ``benchmarks/bench_pack.py``
+``h200_model_pack`` (an estimate, ``python -m benchmarks.bench_pack``).
+
+Every other output element is written by one program, in a fixed order:
+deterministic, no host sync (CUDA-graph capturable). On CPU tensors it runs
+in Triton's interpreter (``TRITON_INTERPRET=1``), for tests.
 """
 
 from __future__ import annotations
 
 
+from typing import Optional
+
 import torch
 
-from ._backends import Impl, register
+from ._backends import CallInfo, Impl, register
 from .reference import acc_dtype
-from ._triton import MISSING, device_reason, tl, triton
+from ._triton import MISSING, device_reason, pow2, tl, triton
 from ._triton import jit as _jit
 
 _BLOCK_N = 32
 _BLOCK_C = 128
+# pack_clusters: the size rule (see the module docstring) and its blocks
+PACK_SCAN_LIMIT = 1 << 26  # B * B * N: label reads of the whole grid
+PACK_MAX_M = 1024  # per-label counters of one image, in registers
+_PACK_BLOCK_T = 64  # tokens of the own image per step (a 64 x 64 rank compare)
+_PACK_BLOCK_F = 512  # labels per step of the all-images scans (1024 spills 4 B, int64 labels)
+# program 0's max_seqlen pass over at most this many lane operations (about 4 us of one SM): above,
+# each program atomic_max-es its own longest segment into a zero-filled max_seqlen (a fill launch)
+PACK_MAX_LANE_OPS = 1 << 20
 
 
 def _slot_warps(x: torch.Tensor) -> int:
@@ -206,6 +250,127 @@ def _merge_tokens_backward_kernel(
         tl.store(grad_a_ptr + b * M + ks, tl.sum(dot_centre, axis=0), mask=_both(as_centre, has_others))
 
 
+@_jit
+def _clamp_num(
+    num_ptr,
+    idx,
+    M,
+    mask,
+):
+    """``clamp(num_clusters[idx], 0, M)`` as int64 (0 where masked)."""
+    n = tl.load(num_ptr + idx, mask=mask, other=0).to(tl.int64)
+    return tl.minimum(tl.maximum(n, 0), M)
+
+
+@_jit
+def _pack_clusters_kernel(
+    labels_ptr,
+    num_ptr,
+    perm_ptr,
+    cu_seqlens_ptr,
+    cu_clusters_ptr,
+    max_seqlen_ptr,
+    B,
+    N,
+    M,
+    M_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    ATOMIC_MAX: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    zero = b * 0
+    first = b == 0
+    tl.store(cu_seqlens_ptr, 0, mask=first)
+    tl.store(cu_clusters_ptr, 0, mask=first)
+    # max_seqlen: program 0 counts every image, and so the packed total (deterministic and one launch,
+    # see the module docstring), unless ATOMIC_MAX. A loop bound, not a branch around the loops, and
+    # first: ptxas spilled the branch's predicate across the later loops
+    longest = tl.sum(tl.zeros((M_PAD,), dtype=tl.int32), axis=0)
+    packed_all = zero
+    images = tl.where(first & (not ATOMIC_MAX), B, 0)
+    if not ATOMIC_MAX:  # constexpr, not a 0-trip loop: triton 3.6's coalescing pass crashes on loads it proves dead
+        i = 0
+        while i < images:
+            n_i = _clamp_num(num_ptr, i, M, True)
+            hist = tl.zeros((M_PAD,), dtype=tl.int32)
+            t0 = 0
+            while t0 < N:
+                t = t0 + tl.arange(0, BLOCK_T)
+                lab = tl.load(labels_ptr + i * N + t, mask=t < N, other=-1).to(tl.int64)
+                packed = (lab >= 0) & (lab < n_i)
+                hist += tl.histogram(tl.where(packed, lab, 0).to(tl.int32), M_PAD, mask=packed)
+                t0 += BLOCK_T
+            longest = tl.maximum(longest, tl.max(hist, axis=0))
+            packed_all += tl.sum(hist, axis=0)
+            i += 1
+        tl.store(max_seqlen_ptr, longest.to(tl.int64), mask=first)
+    nb = _clamp_num(num_ptr, b, M, True)
+    # live segments of the images before b, and of all images
+    live_before, live_total = zero, zero
+    i0 = 0
+    while i0 < B:
+        ii = i0 + tl.arange(0, BLOCK_F)
+        n_i = _clamp_num(num_ptr, ii, M, ii < B)
+        live_before += tl.sum(tl.where(ii < b, n_i, 0), axis=0)
+        live_total += tl.sum(n_i, axis=0)
+        i0 += BLOCK_F
+    tl.store(cu_clusters_ptr + b + 1, (live_before + nb).to(tl.int32))
+    # packed tokens of the images before b, and of all images: every label once more (but in program 0,
+    # which has none before it and has counted them all, unless ATOMIC_MAX)
+    packed_before, packed_total = zero, packed_all
+    BN = B * N - images * N
+    f0 = 0
+    while f0 < BN:
+        f = f0 + tl.arange(0, BLOCK_F)
+        ok = f < BN
+        img = f // N
+        lab = tl.load(labels_ptr + f, mask=ok, other=-1).to(tl.int64)
+        packed = (lab >= 0) & (lab < _clamp_num(num_ptr, img, M, ok))
+        packed_before += tl.sum(tl.where(packed & (img < b), 1, 0), axis=0)
+        packed_total += tl.sum(packed.to(tl.int64), axis=0)
+        f0 += BLOCK_F
+    # this image's segment lengths
+    row = labels_ptr + b * N
+    counts = tl.zeros((M_PAD,), dtype=tl.int32)
+    t0 = 0
+    while t0 < N:
+        t = t0 + tl.arange(0, BLOCK_T)
+        lab = tl.load(row + t, mask=t < N, other=-1).to(tl.int64)
+        packed = (lab >= 0) & (lab < nb)
+        counts += tl.histogram(tl.where(packed, lab, 0).to(tl.int32), M_PAD, mask=packed)
+        t0 += BLOCK_T
+    ends = tl.cumsum(counts, 0)
+    if ATOMIC_MAX:  # into a zero-filled max_seqlen: the same maximum in any order
+        tl.atomic_max(max_seqlen_ptr, tl.max(counts, axis=0).to(tl.int64))
+    m = tl.arange(0, M_PAD)
+    # live segments first (image order), then every image's empty trailing ones (length 0)
+    tl.store(cu_seqlens_ptr + 1 + live_before + m, (packed_before + ends).to(tl.int32), mask=m < nb)
+    dead = live_total + (b * M - live_before) + (m - nb)
+    tl.store(cu_seqlens_ptr + 1 + dead, tl.zeros((M_PAD,), dtype=tl.int32) + packed_total.to(tl.int32),
+             mask=(m >= nb) & (m < M))
+    # each token's place: the cluster's start + tokens of its cluster already placed
+    start = ends - counts
+    unpacked_seen = b * N - packed_before  # unpacked tokens of the images before b
+    t0 = 0
+    while t0 < N:
+        t = t0 + tl.arange(0, BLOCK_T)
+        ok = t < N
+        lab = tl.load(row + t, mask=ok, other=-1).to(tl.int64)
+        packed = (lab >= 0) & (lab < nb)
+        slot = tl.where(packed, lab, 0).to(tl.int32)
+        # stable: equal labels at lower indices in this block come first
+        earlier = (slot[:, None] == slot[None, :]) & packed[None, :] & (t[None, :] < t[:, None])
+        rank = tl.sum(earlier.to(tl.int32), axis=1)
+        at_packed = packed_before + tl.gather(start, slot, 0) + rank
+        unpacked = (ok & ~packed).to(tl.int32)
+        at_unpacked = packed_total + unpacked_seen + tl.cumsum(unpacked, 0) - unpacked
+        tl.store(perm_ptr + tl.where(packed, at_packed, at_unpacked), b * N + t, mask=ok)
+        start += tl.histogram(slot, M_PAD, mask=packed)
+        unpacked_seen += tl.sum(unpacked, axis=0)
+        t0 += BLOCK_T
+
+
 def _acc(x: torch.Tensor):
     return tl.float64 if x.dtype == torch.float64 else tl.float32
 
@@ -267,6 +432,51 @@ def _merge_clusters_backward(grad_tokens, grad_weight_sum, x, labels, num_cluste
     return grad_x, grad_w.to(w_dtype), grad_a.to(a_dtype)
 
 
+def pack_histogram_ops(M: int) -> int:
+    """Lane operations per label of ``tl.histogram`` over ``pow2(M, 16)`` bins (warp ballots: log2(bins)
+    masks per bin a lane owns), plus the load and compares."""
+    bins = pow2(M, 16)
+    return max(bins // 32, 1) * (bins.bit_length() + 1) + 4
+
+
+def pack_atomic_max(B: int, N: int, M: int) -> bool:
+    """Whether ``max_seqlen`` takes the atomic path: program 0's pass would cost more than a fill launch."""
+    return B * N * pack_histogram_ops(M) > PACK_MAX_LANE_OPS
+
+
+def _pack_clusters(labels, num_clusters, max_clusters):
+    labels, num = labels.contiguous(), num_clusters.contiguous()
+    B, N = labels.shape
+    M = max_clusters
+    dev = labels.device
+    perm = torch.empty(B * N, dtype=torch.int64, device=dev)
+    cu_seqlens = torch.empty(B * M + 1, dtype=torch.int32, device=dev)
+    cu_clusters = torch.empty(B + 1, dtype=torch.int32, device=dev)
+    atomic = pack_atomic_max(B, N, M)
+    max_seqlen = (torch.zeros if atomic or B == 0 else torch.empty)((), dtype=torch.int64, device=dev)
+    if B == 0:  # no program to write them: the empty batch's one offset and its max are 0
+        return perm, cu_seqlens.zero_(), cu_clusters.zero_(), max_seqlen
+    _pack_clusters_kernel[(B,)](
+        labels, num, perm, cu_seqlens, cu_clusters, max_seqlen, B, N, M,
+        M_PAD=pow2(M, 16), BLOCK_T=_PACK_BLOCK_T, BLOCK_F=_PACK_BLOCK_F, ATOMIC_MAX=atomic, num_warps=8,
+    )
+    return perm, cu_seqlens, cu_clusters, max_seqlen
+
+
+def _pack_check(call: CallInfo) -> Optional[str]:
+    """The size rule of ``_pack_clusters_kernel`` (module docstring), after the device."""
+    reason = device_reason(call)
+    if reason:
+        return reason
+    B, N, M = (call.extra.get(key, 0) for key in ("B", "N", "M"))
+    if M > PACK_MAX_M:
+        return f"max_clusters = {M} is over {PACK_MAX_M}: one program holds an image's per-cluster counters in registers"
+    if B * B * N > PACK_SCAN_LIMIT:
+        return (f"B * B * N = {B * B * N} is over {PACK_SCAN_LIMIT}: each of the B programs re-reads all B * N labels "
+                "for its offsets")
+    return None
+
+
 def _register() -> None:
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     for op, fn in (("merge_clusters", _merge_clusters), ("merge_clusters_backward", _merge_clusters_backward)):
@@ -276,6 +486,12 @@ def _register() -> None:
                 auto_devices=("cuda",), available=lambda: MISSING, check=device_reason,
             )
         )
+    register(
+        Impl(
+            op="pack_clusters", name="triton", fn=_pack_clusters, devices=("cuda", "cpu"),
+            dtypes=(torch.int64, torch.int32), auto_devices=("cuda",), available=lambda: MISSING, check=_pack_check,
+        )
+    )
 
 
 _register()

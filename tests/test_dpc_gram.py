@@ -142,11 +142,18 @@ def test_gram_and_streaming_paths_agree(case, device, monkeypatch):
     gram = triton(sk.dpc_cluster, device, x, **kw)
     monkeypatch.setenv(ENV, "0")
     stream = triton(sk.dpc_cluster, device, x, **kw)
-    for key in ("labels", "num_clusters", "centers", "parent"):
+    for key in ("labels", "num_clusters", "centers"):
         assert torch.equal(getattr(gram, key), getattr(stream, key)), key
+    # the two paths' products differ (float16 x3 vs tf32x3) within the certified bound: densities that
+    # tie within it may order differently, and with them a parent
+    assert torch.equal(gram.parent < 0, stream.parent < 0)
+    assert (gram.parent == stream.parent).double().mean() >= 0.97
     bound = norm_trick_bound(x, kw.get("mask"))
-    for key in ("density", "delta", "score"):
-        torch.testing.assert_close(getattr(gram, key), getattr(stream, key), rtol=1e-5, atol=2e-6 + bound, msg=key)
+    same = gram.parent == stream.parent
+    torch.testing.assert_close(gram.density, stream.density, rtol=1e-5, atol=2e-6 + bound)
+    for key in ("delta", "score"):
+        torch.testing.assert_close(getattr(gram, key)[same], getattr(stream, key)[same], rtol=1e-5,
+                                   atol=2e-6 + bound, msg=key)
 
 
 def test_duplicates_tie_bit_for_bit_across_tiles(device):
@@ -162,7 +169,8 @@ def test_duplicates_tie_bit_for_bit_across_tiles(device):
 
 @pytest.mark.parametrize("data", ["outlier", "far_apart"])
 def test_ill_conditioned_rows_are_redone_exactly(data, device, monkeypatch):
-    """The Gram passes flag the rows the norm trick cannot certify and the EXACT launches redo them."""
+    """The Gram density pass flags the rows the norm trick cannot certify and the EXACT launch redoes
+    them; parents and labels on near ties are decided in their kernels (test_dpc_gram_kernels.py)."""
     x = tdpc.far_outliers() if data == "outlier" else tdpc.far_apart_groups()
     flagged = []
     twice = T._twice
@@ -174,7 +182,7 @@ def test_ill_conditioned_rows_are_redone_exactly(data, device, monkeypatch):
 
     monkeypatch.setattr(T, "_twice", spy)
     got = triton(sk.dpc_cluster, device, x, 4, 0.5, 4)
-    assert len(flagged) == 3 and min(flagged) > 0
+    assert len(flagged) == 1 and flagged[0] > 0
     want = dpc_batch(x.double(), None, 4, 0.5, 4)
     for key in ("labels", "num_clusters", "centers"):
         assert torch.equal(getattr(got, key), want[key]), key
@@ -191,15 +199,16 @@ def test_cap_equals_column_max_cap(tie_break, device):
     density = torch.randint(0, 6, (B, N), generator=g).float() / 5  # many ties
     valid = scattered_mask(B, N, 0.7)
     valid[2] = False
-    parent = torch.zeros(B, N, dtype=torch.int64)
-    dpar = torch.full((B, N), math.inf)  # no parent distance: delta is the cap
+    x = torch.randn(B, N, 4, generator=g)
+    parent = torch.full((B, N), -1, dtype=torch.int64)  # no parent distance: delta is the cap
+    ones = torch.ones(B)
     delta, score = torch.empty(B, N), torch.empty(B, N)
-    args = [t.to(device) for t in (dpar, far, density, parent, valid.view(torch.uint8), delta, score)]
-    G._gram_finish_kernel[T._grid(N, B, 32)](*args, N, HAS_MASK=True, COLUMN_MAX=True,
-                                             TIE_INDEX=tie_break == "index", BLOCK_M=32, BLOCK_N=128)
+    args = [t.to(device) for t in (x, ones, ones, far, density, parent, valid.view(torch.uint8), delta, score)]
+    G._gram_finish_kernel[T._grid(N, B, 32)](*args, N, 4, 0.25, *x.stride(), HAS_MASK=True, COLUMN_MAX=True,
+                                             TIE_INDEX=tie_break == "index", BLOCK_M=32, BLOCK_N=128, BLOCK_C=4)
     want = torch.where(valid, column_max_cap(far, density, valid, tie_break), 0)
-    assert torch.equal(args[5].cpu(), want)
-    assert torch.equal(args[6].cpu(), torch.where(density == 0, 0, density * want))
+    assert torch.equal(args[7].cpu(), want)
+    assert torch.equal(args[8].cpu(), torch.where(density == 0, 0, density * want))
 
 
 # ------------------------------------------------------------------ the streaming path keeps its coverage

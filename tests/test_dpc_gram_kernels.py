@@ -1,6 +1,7 @@
 """Kernels of the Gram path (``dpc_gram.py``) against what they replace: the fused prologue
 (``_prepare``: two launches, no torch ops) reproduces ``triton_dpc._prepare`` bit for bit, and the
-bracketed bisection (``_kth_smallest``) returns the former 31-step bisection's key."""
+bracketed bisection (``_kth_smallest``) returns the former 31-step bisection's key, the float16 x3
+products carry float32 accuracy, and near ties of parents and labels are decided by exact distances."""
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ from setok_kernels import triton_dpc as T
 from setok_kernels.dpc_gram import _jit, _kth_smallest, _load_rows, tl, triton
 
 from ._data import mixture, scattered_mask
+
+SNAP = float(getattr(T.SNAP, "value", T.SNAP))  # a tl.constexpr where triton is installed
 
 
 def _cases():
@@ -157,3 +160,55 @@ def test_kth_smallest_on_a_distance_matrix(k, device):
                                            N_PAD=64, BLOCK_M=4)
     want = _kth_key_oracle(d2.cpu(), mask.cpu(), kk)
     assert torch.equal(out.cpu().long()[mask.cpu()], want[mask.cpu()])
+
+
+def _near_tie():
+    """Token 0 with two neighbours, token 2 nearer than token 1 (0.81 vs 1 squared), a far outlier that
+    makes the norm trick's bound (SNAP (|a_0|^2 + nmax)) wider than their gap, and a Gram matrix
+    edited within that bound so that it names token 1 the nearer."""
+    x = torch.zeros(1, 8, 4)
+    x[0, 1, 0] = 1.0
+    x[0, 2, 1] = 0.9
+    for i in range(3, 7):
+        x[0, i, i - 3] = 5.0 + i
+    x[0, 7] = 100.0
+    p = G._prepare(x, None)
+    d2 = G._distances(x, p)
+    err = SNAP * (p.norms[0, 0] + p.nmax[0]) / 4
+    edited = 0.999 * d2[0, 0, 2]
+    assert d2[0, 0, 2] - edited < 2 * err, "the edit stays within the bound the kernels certify"
+    assert d2[0, 0, 2] < d2[0, 0, 1], "the matrix had it right"
+    d2[0, 0, 1] = d2[0, 1, 0] = edited
+    return x, p, d2
+
+
+def test_near_tie_parent_is_decided_by_exact_distances(device):
+    x, p, d2 = _near_tie()
+    density = torch.tensor([[0.1, 0.9, 0.8, 0.5, 0.5, 0.5, 0.5, 0.2]])  # 1 and 2 denser than 0
+    _, parent, _ = G._delta(x, density, "column_max", "none", p, d2)
+    assert parent[0, 0] == 2  # the matrix alone says 1 (and 1 also wins index ties)
+
+
+def test_near_tie_label_is_decided_by_exact_distances(device):
+    x, p, d2 = _near_tie()
+    centers = torch.tensor([[1, 2, 7]])
+    labels = G._assign(x, centers, torch.tensor([3]), p, d2)
+    assert labels[0, 0] == 1  # centre 2's slot; the matrix alone says slot 0 (which also wins ties)
+    assert labels[0, 1:3].tolist() == [0, 1] and labels[0, 7] == 2  # centres label themselves
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_products_have_float32_accuracy(dtype, device):
+    """float16 x3 distances stay within SNAP of float64's, features of very different sizes included
+    (the split scale follows the largest norm; a small-norm image keeps its bits)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 70, 40, generator=g) * torch.logspace(-3, 2, 40)  # channels of 5 decades
+    x[1] *= 1e-6  # an image of small values: its own split scale
+    x = x.to(dtype)
+    p = G._prepare(x, None)
+    d2 = G._distances(x, p).double()
+    a = x.double() * p.inv.double()[:, None, None] - p.shift.double()[:, None, :]
+    want = torch.cdist(a, a).pow(2) / 40
+    bound = SNAP * (p.norms.double()[:, :, None] + p.norms.double()[:, None, :]) / 40
+    assert ((d2 - want).abs() <= bound).all()
+    assert torch.equal(d2, d2.transpose(1, 2))  # exactly symmetric
