@@ -555,14 +555,15 @@ def _gram_near_ties_kernel(
                 partner = idx
             left = ok & (cost <= tl.min(cost, axis=0) + 2.0 * r_err)
             exact = float("inf")
-            nxt = tl.min(tl.where(left, idx, N_PAD), axis=0)
-            while nxt < N_PAD:
+            none = 1 << 30  # past every index and slot
+            nxt = tl.min(tl.where(left, idx, none), axis=0)
+            while nxt < none:
                 o = tl.max(tl.where(idx == nxt, partner, 0), axis=0)
                 d = _sq_diff(x_img, r, o, inv_s, stride_n, stride_c, C, BLOCK_C)
                 if d < exact:
                     exact = d
                     tl.store(out_ptr + b * N + r, nxt.to(tl.int64))
-                nxt = tl.min(tl.where(left & (idx > nxt), idx, N_PAD), axis=0)
+                nxt = tl.min(tl.where(left & (idx > nxt), idx, none), axis=0)
         i += 1
 
 

@@ -56,12 +56,31 @@ def _dpc_calls(device, dtype, backend):
             yield f"assign_to_centers {tag} {metric}", lambda m=m, c=centers, n=num, mt=metric: sk.assign_to_centers(
                 x, c, n, m, mt, backend=backend)
         yield f"dpc_cluster {tag}", lambda m=m: sk.dpc_cluster(x, k, 0.5, 4, M, m, backend=backend)
+        if backend == "triton":  # small images take the Gram path; a zero budget, the streaming kernels
+            yield f"dpc_cluster {tag} streaming", lambda m=m: _without_gram(
+                lambda: sk.dpc_cluster(x, k, 0.5, 4, M, m, backend=backend))
+
+
+def _without_gram(call):
+    saved = os.environ.get("SETOK_DPC_GRAM_BYTES")
+    os.environ["SETOK_DPC_GRAM_BYTES"] = "0"
+    try:
+        return call()
+    finally:
+        if saved is None:
+            del os.environ["SETOK_DPC_GRAM_BYTES"]
+        else:
+            os.environ["SETOK_DPC_GRAM_BYTES"] = saved
 
 
 def _bookkeeping_calls(device, dtype, backend):
     x, mask = _inputs(device, dtype)
     r = sk.dpc_cluster(x, 8, 0.5, 4, 12, mask, backend="reference")
     yield "pack_clusters", lambda: sk.pack_clusters(r.labels, r.num_clusters, 12, backend=backend)
+    # many clusters: Triton's max_seqlen by atomics into a zero-filled output
+    many = torch.randint(0, 700, (8, 400), generator=torch.Generator().manual_seed(2)).to(device)
+    yield "pack_clusters M=700", lambda: sk.pack_clusters(many, torch.full((8,), 700, device=device), 700,
+                                                          backend=backend)
     p = sk.pack_clusters(r.labels, r.num_clusters, 12, backend="reference")
     rows = x.flatten(0, 1)[p.perm].detach().requires_grad_()
     weight = torch.rand(rows.shape[0], device=device, dtype=dtype, requires_grad=True)
@@ -113,7 +132,7 @@ def _guarded(calls):
 
 
 FAMILIES = {
-    "triton": (_dpc_calls, _attention_calls),
+    "triton": (_dpc_calls, _bookkeeping_calls, _attention_calls),
     "native": (_dpc_calls, _bookkeeping_calls),
     "torch": (_attention_calls,),
 }
