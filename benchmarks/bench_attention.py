@@ -235,18 +235,21 @@ def _print_models() -> None:
                       f"{k['time_s'] * 1e3:7.3f} ms ({k['bound']})")
 
 
-def interleaved_ratios(cases, repeats: int, clock=time.perf_counter) -> None:
+def interleaved_ratios(cases, repeats: int, clock=time.perf_counter, backward: bool = True) -> None:
     """The torch backend against the per-segment SDPA loop and padded SDPA, forward and
-    forward + backward, on the CPU: the three run in turn on the same inputs, ``repeats``
-    times, in rotating order; prints the medians, the ratios of medians (> 1: setok
-    faster) and of the best rounds. Interleaving spreads a shared machine's load over all three alike; rotating,
-    the state one leaves (caches, the allocator's free memory) to the next."""
+    forward + backward (``backward``), on the CPU: the three run in turn on the same inputs, ``repeats``
+    times; prints the medians, the ratios of medians (> 1: setok faster) and of the best
+    rounds. Interleaving spreads a shared machine's load over all three alike; the order
+    (a, b, c), then (a, c, b), makes each run after each other one equally often, so the
+    state one leaves (caches, the allocator's free memory) falls on the others alike
+    (rotating the order ran setok after the ~15x slower padded SDPA in two rounds of
+    three, the per-segment loop in one)."""
     import statistics
 
     device, dtype = torch.device("cpu"), torch.float32
     for case in cases:
         name, B, N, M, H, D = case
-        for grads in (0, 3):
+        for grads in (0, 3) if backward else (0,):
             lengths, T, max_len, cu, elt, pool = _ragged_workload(case, device, dtype, grads)
             q, k, v = pool[0][:3]
             scale = D**-0.5
@@ -268,8 +271,7 @@ def interleaved_ratios(cases, repeats: int, clock=time.perf_counter) -> None:
                 f()  # warm-up
             names = list(fns)
             for r in range(repeats):
-                # each round starts with the next one: none always follows the same (cache, allocator)
-                for n in names[r % len(names):] + names[: r % len(names)]:
+                for n in names if r % 2 == 0 else names[:1] + names[:0:-1]:
                     start = clock()
                     fns[n]()
                     seconds[n].append(clock() - start)
@@ -292,6 +294,7 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     parser.add_argument("--cpu-time", action="store_true", help="time with the process's CPU time (use with --threads 1)")
+    parser.add_argument("--forward-only", action="store_true", help="--ratios: the forward alone")
     args = parser.parse_args()
     if not args.ratios:
         _print_models()
@@ -299,4 +302,4 @@ if __name__ == "__main__":
         if args.threads:
             torch.set_num_threads(args.threads)
         chosen = [c for c in CPU_CASES if not args.cases or c[0] in args.cases.split(",")]
-        interleaved_ratios(chosen, args.repeats, time.process_time if args.cpu_time else time.perf_counter)
+        interleaved_ratios(chosen, args.repeats, time.process_time if args.cpu_time else time.perf_counter, not args.forward_only)

@@ -28,6 +28,7 @@ reference math where Triton is missing): the same gradients from the same
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import threading
@@ -147,6 +148,7 @@ def _torch_varlen_attn():
     return (varlen_attn, AuxRequest) if "scale" in params and "return_aux" in params else None
 
 
+@functools.cache  # asked by the availability check, the call check and the body of every call
 def _cpu_flash():
     """torch's fused CPU attention kernel and its backward (both return / take lse)."""
     fwd = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)

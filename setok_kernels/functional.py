@@ -302,13 +302,16 @@ def varlen_attention(
     if V.validate_on_device(validate, q):
         V.varlen_attention_values(q, k, cu_seqlens_q, cu_k, max_q, max_k)
     name = _backend(backend, "attention")
-    if name:
-        # resolve "auto" here, knowing whether gradients are needed
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        name = _ops.resolve_attention(q, k, max_q, max_k, name, needs_grad).name
     cu_q = cu_seqlens_q
-    cu_k = cu_q if self_attention else cu_seqlens_k
-    out, lse = _ops.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, float(scale), name)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if not needs_grad and _ops.direct_attention_ok(q, k, v, cu_q, cu_k):
+        # the op's body without the op (eager, no gradients), the backend resolved as the op would
+        impl = _ops.resolve_attention(q, k, max_q, max_k, name, False)
+        out, lse = _ops.attention_direct(impl, q, k, v, cu_q, cu_k, max_q, max_k, float(scale))
+    else:
+        if name:  # resolve "auto" here, knowing whether gradients are needed
+            name = _ops.resolve_attention(q, k, max_q, max_k, name, needs_grad).name
+        out, lse = _ops.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, float(scale), name)
     return (out, lse) if return_lse else out
 
 

@@ -209,6 +209,40 @@ def test_lse_gradient_returns_contiguous_gradients():
         assert grad.is_contiguous() and grad.stride() == torch.empty_like(like).stride()
 
 
+@pytest.mark.parametrize("backend", [None, "torch", "reference"])
+def test_gradient_free_calls_skip_the_op_with_its_results_and_errors(monkeypatch, backend):
+    """Without gradients, outside traces and modes, ``varlen_attention`` runs the op's
+    body itself (``ops.attention_direct``): the op's results bit for bit, its value
+    checks on the CPU (``validate=False`` too), the op under a dispatch mode."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from setok_kernels import ops
+
+    q, k, v, cu_q, cu_k = attention_inputs([3, 0, 7, 1], [2, 5, 0, 4], H=2, D=32, trail=2)
+    direct, run = [], ops.attention_direct
+    monkeypatch.setattr(ops, "attention_direct", lambda *a: direct.append(a[0].name) or run(*a))
+    got = setok_kernels.varlen_attention(q, k, v, cu_q, cu_k, backend=backend, return_lse=True)
+    want = torch.ops.setok.varlen_attention(q, k, v, cu_q, cu_k, 7, 5, 32**-0.5, backend or "")
+    assert len(direct) == 1 and all(torch.equal(g, w) for g, w in zip(got, want))
+    with pytest.raises(ValueError, match="cu_seqlens_q must be non-decreasing"):
+        setok_kernels.varlen_attention(q, k, v, cu_q[[0, 3, 1, 3, 4]], cu_k, backend=backend, validate=False)
+    direct.clear()
+
+    class Seen(TorchDispatchMode):
+        ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Seen():
+        setok_kernels.varlen_attention(q, k, v, cu_q, cu_k, backend=backend)
+    assert "setok.varlen_attention.default" in Seen.ops and not direct
+    q.requires_grad_()
+    setok_kernels.varlen_attention(q, k, v, cu_q, cu_k, backend=backend)
+    assert not direct  # a call that needs gradients goes through the op (its autograd)
+
+
 # ------------------------------------------------------------------ the encoders around it (setok_model.layers)
 
 
