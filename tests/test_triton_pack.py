@@ -102,6 +102,17 @@ def test_int32_inputs_through_the_op(device):
     assert_same(got, want)
 
 
+def test_compile_fullgraph(device, max_path):
+    labels, num, M = _valid("unequal_sizes")
+    labels, num = labels.to(device), num.to(device)
+
+    def pack(labels, num):
+        return tuple(sk.pack_clusters(labels, num, M, backend="triton"))
+
+    compiled = torch.compile(pack, fullgraph=True, backend="aot_eager")
+    assert_same(compiled(labels, num), R._pack_clusters(labels.cpu(), num.cpu(), M))
+
+
 def test_empty_batch(device):
     labels, num = torch.zeros(0, 4, dtype=torch.long), torch.zeros(0, dtype=torch.long)
     want = R._pack_clusters(labels, num, 3)
