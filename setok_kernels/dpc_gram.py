@@ -76,7 +76,7 @@ import torch
 from . import triton_dpc as T
 from ._triton import jit as _jit
 from ._triton import pow2, tl, triton
-from .triton_dpc import KNN_TOL, SNAP, _parent_distance, _real_tokens
+from .triton_dpc import KNN_TOL, SNAP, _centred_sq_norms, _channel_stats, _parent_distance, _real_tokens
 
 GRAM_BUDGET = 256 << 20  # bytes of the (B, N, N) float32 matrix: W2 (68 MB) with room, one image up to MAX_ROW
 MAX_ROW = 8192  # a row block of the row passes lives in one program's registers
@@ -119,27 +119,15 @@ def _gram_stats_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """``triton_dpc._channel_stats_kernel``'s loop (so the same sums), stored as the float64 mean over
-    the real tokens (``_prepare``'s ``csum / count``: the division here, once, keeps float64 division's
-    slow path out of ``_gram_norms_kernel``), and a zeroed nmax for ``_gram_norms_kernel``'s atomic max."""
+    """``triton_dpc._channel_stats`` (the same sums), stored as the float64 mean over the real tokens
+    (``_prepare``'s ``csum / count``: the division here, once, keeps float64 division's slow path out of
+    ``_gram_norms_kernel``), and a zeroed nmax for ``_gram_norms_kernel``'s atomic max."""
     b = tl.program_id(1).to(tl.int64)
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = offs_c < C
-    total = tl.zeros((BLOCK_C,), dtype=tl.float64)
-    amax = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    count = 0
-    n0 = 0
-    while n0 < N:
-        rows = n0 + tl.arange(0, BLOCK_N)
-        ok = _real_tokens(mask_ptr + b * N, rows, N, HAS_MASK)
-        ptrs = x_ptr + b * stride_b + rows[:, None] * stride_n + offs_c[None, :] * stride_c
-        v = tl.load(ptrs, mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-        total += tl.sum(v.to(tl.float64), axis=0)
-        amax = tl.maximum(amax, tl.max(tl.abs(v), axis=0))
-        count += tl.sum(ok.to(tl.int32), axis=0)
-        n0 += BLOCK_N
-    tl.store(mean_ptr + b * C + offs_c, total / tl.maximum(count, 1).to(tl.float64), mask=c_ok)
-    tl.store(amax_ptr + b * C + offs_c, amax, mask=c_ok)
+    total, amax, count = _channel_stats(x_ptr + b * stride_b, mask_ptr + b * N, offs_c, N, C, stride_n, stride_c,
+                                        HAS_MASK, BLOCK_N, BLOCK_C)
+    tl.store(mean_ptr + b * C + offs_c, total / tl.maximum(count, 1).to(tl.float64), mask=offs_c < C)
+    tl.store(amax_ptr + b * C + offs_c, amax, mask=offs_c < C)
     if tl.program_id(0) == 0:
         tl.store(nmax_bits_ptr + b, 0)
 
@@ -185,20 +173,14 @@ def _gram_norms_kernel(
     if first:
         tl.store(scale_ptr + b, scale)
         tl.store(inv_ptr + b, inv_s)
+        for c0 in range(0, C, BLOCK_C):  # _prepare's shift: the float64 mean times 1 / s, rounded once
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            mean = tl.load(mean_ptr + b * C + offs_c, mask=offs_c < C, other=0.0)
+            tl.store(shift_ptr + b * C + offs_c, (mean * inv_s.to(tl.float64)).to(tl.float32), mask=offs_c < C)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ok = _real_tokens(mask_ptr + b * N, rows, N, HAS_MASK)
-    acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        c_ok = offs_c < C
-        # the float64 mean times 1 / s (exact: a power of two), rounded once: _prepare's shift
-        sh = (tl.load(mean_ptr + b * C + offs_c, mask=c_ok, other=0.0) * inv_s.to(tl.float64)).to(tl.float32)
-        if first:
-            tl.store(shift_ptr + b * C + offs_c, sh, mask=c_ok)
-        ptrs = x_ptr + b * stride_b + rows[:, None] * stride_n + offs_c[None, :] * stride_c
-        # channels past C: 0 * inv_s - 0
-        v = tl.load(ptrs, mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32) * inv_s - sh[None, :]
-        acc += tl.sum(v * v, axis=1)
+    acc = _centred_sq_norms(x_ptr + b * stride_b, mean_ptr + b * C, inv_s, rows, ok, stride_n, stride_c, C, True,
+                            BLOCK_M, BLOCK_C)
     tl.store(nrm_ptr + b * N + rows, acc, mask=rows < N)
     # nmax: the largest real |a_i|^2, an integer max of bit patterns (acc >= 0; NaN above inf as in torch)
     bits = tl.where(ok, acc, 0.0).to(tl.int32, bitcast=True) & 0x7FFFFFFF

@@ -280,20 +280,42 @@ def _channel_stats_kernel(
     """Per (image, channel): sum (float64) and largest |x| over the real tokens."""
     b = tl.program_id(1).to(tl.int64)
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    total, amax, _ = _channel_stats(x_ptr + b * stride_b, mask_ptr + b * N, offs_c, N, C, stride_n, stride_c,
+                                    HAS_MASK, BLOCK_N, BLOCK_C)
+    tl.store(sum_ptr + b * C + offs_c, total, mask=offs_c < C)
+    tl.store(amax_ptr + b * C + offs_c, amax, mask=offs_c < C)
+
+
+@_jit
+def _channel_stats(
+    x_img,
+    mask_img,
+    offs_c,
+    N,
+    C: tl.constexpr,
+    stride_n,
+    stride_c,
+    HAS_MASK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """(sum (float64), largest |x|) of channels ``offs_c`` over an image's real tokens, and their count;
+    one summation order for both DPC paths (``dpc_gram``'s prologue is ``_prepare`` bit for bit)."""
     c_ok = offs_c < C
     total = tl.zeros((BLOCK_C,), dtype=tl.float64)
     amax = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    count = 0
     n0 = 0
     while n0 < N:
         rows = n0 + tl.arange(0, BLOCK_N)
-        ok = _real_tokens(mask_ptr + b * N, rows, N, HAS_MASK)
-        ptrs = x_ptr + b * stride_b + rows[:, None] * stride_n + offs_c[None, :] * stride_c
+        ok = _real_tokens(mask_img, rows, N, HAS_MASK)
+        ptrs = x_img + rows[:, None] * stride_n + offs_c[None, :] * stride_c
         v = tl.load(ptrs, mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
         total += tl.sum(v.to(tl.float64), axis=0)
         amax = tl.maximum(amax, tl.max(tl.abs(v), axis=0))
+        count += tl.sum(ok.to(tl.int32), axis=0)
         n0 += BLOCK_N
-    tl.store(sum_ptr + b * C + offs_c, total, mask=c_ok)
-    tl.store(amax_ptr + b * C + offs_c, amax, mask=c_ok)
+    return total, amax, count
 
 
 @_jit
@@ -315,17 +337,40 @@ def _sq_norms_kernel(
     b = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ok = _real_tokens(mask_ptr + b * N, rows, N, HAS_MASK)
-    inv_s = tl.load(inv_ptr + b)
+    acc = _centred_sq_norms(x_ptr + b * stride_b, shift_ptr + b * C, tl.load(inv_ptr + b), rows, ok, stride_n,
+                            stride_c, C, False, BLOCK_M, BLOCK_C)
+    tl.store(out_ptr + b * N + rows, acc, mask=rows < N)
+
+
+@_jit
+def _centred_sq_norms(
+    x_img,
+    centre_img,
+    inv_s,
+    rows,
+    ok,
+    stride_n,
+    stride_c,
+    C: tl.constexpr,
+    FROM_MEAN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """|a_i|^2 of ``rows``, ``a = x / s - shift``: ``centre_img`` holds the float32 shift, or (``FROM_MEAN``)
+    the float64 mean, whose product with 1 / s (a power of two: exact) rounded once is the shift."""
     acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         c_ok = offs_c < C
-        sh = tl.load(shift_ptr + b * C + offs_c, mask=c_ok, other=0.0)
-        ptrs = x_ptr + b * stride_b + rows[:, None] * stride_n + offs_c[None, :] * stride_c
+        if FROM_MEAN:
+            sh = (tl.load(centre_img + offs_c, mask=c_ok, other=0.0) * inv_s.to(tl.float64)).to(tl.float32)
+        else:
+            sh = tl.load(centre_img + offs_c, mask=c_ok, other=0.0)
+        ptrs = x_img + rows[:, None] * stride_n + offs_c[None, :] * stride_c
         # channels past C: 0 * inv_s - 0
         v = tl.load(ptrs, mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32) * inv_s - sh[None, :]
         acc += tl.sum(v * v, axis=1)
-    tl.store(out_ptr + b * N + rows, acc, mask=rows < N)
+    return acc
 
 
 @_jit
