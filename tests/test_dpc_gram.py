@@ -21,6 +21,9 @@ from ._data import mask_at, mixture, on_grid, scattered_mask, with_copies
 from ._oracle import dpc_batch
 from .test_triton_dpc import norm_trick_bound, triton
 
+# Triton kernels: the triton 3.6 leg (`make test-triton36`, `pytest -k triton`) runs them too
+pytestmark = pytest.mark.triton
+
 ENV = "SETOK_DPC_GRAM_BYTES"
 
 

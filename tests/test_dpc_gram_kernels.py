@@ -13,6 +13,9 @@ from setok_kernels.dpc_gram import _jit, _kth_smallest, _load_rows, tl, triton
 
 from ._data import mixture, scattered_mask
 
+# Triton kernels: the triton 3.6 leg (`make test-triton36`, `pytest -k triton`) runs them too
+pytestmark = pytest.mark.triton
+
 SNAP = float(getattr(T.SNAP, "value", T.SNAP))  # a tl.constexpr where triton is installed
 
 
