@@ -50,6 +50,9 @@ _SCHEMAS = {
         " float eps, Tensor? centers, Tensor? center_weight) -> (Tensor, Tensor, Tensor)"
     ),
     "native_segment_mean_backward": "(Tensor grad, Tensor cu_seqlens, int num_rows) -> Tensor",
+    "native_attention_segments": (
+        "(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) lse, Tensor segments, float scale) -> ()"
+    ),
     "native_build_info": "() -> str",
 }
 
@@ -63,6 +66,11 @@ for _name in ("knn_density", "density_delta", "select_centers", "assign_to_cente
               "pack_clusters", "segment_mean", "segment_mean_backward", "segment_mean_weighted_backward",
               "merge_clusters", "merge_clusters_backward"):
     torch.library.register_fake(f"setok::native_{_name}")(getattr(ops, f"{_name}_meta"))
+
+
+@torch.library.register_fake("setok::native_attention_segments")
+def _(q, k, v, out, lse, segments, scale):
+    """The torch backend's per-segment loop (attention_backends): writes into out and lse only."""
 
 
 # ------------------------------------------------------------------ loading

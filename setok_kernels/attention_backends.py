@@ -160,6 +160,16 @@ def _cpu_flash():
     return getattr(torch, "_scaled_dot_product_flash_attention_for_cpu", fwd.default), bwd.default
 
 
+@functools.cache
+def _native_segments():
+    """The loop over ``_CpuPlan.single`` compiled (``setok::native_attention_segments``:
+    the same kernel calls without the interpreter per segment), or None when
+    setok's library is not loaded."""
+    from . import _native
+
+    return None if _native.build_info()["reason"] else torch.ops.setok.native_attention_segments.default
+
+
 def _torch_available() -> Optional[str]:
     if _cpu_flash() is None and not torch.cuda.is_available():
         return f"torch {torch.__version__} has no CPU flash-attention kernel and no CUDA device"
@@ -233,7 +243,10 @@ def torch_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale):
 # 1.10; 64 segments of 1..16 rows at D=128 1.76 / 1.89 / 1.72 / 2.00).
 # The same constants serve two threads (per-segment SDPA loop time / this
 # backend's forward at D=128, D=64, two threads: 1.03, 1.13 with them; 1.01,
-# 1.10 with the work costs halved, i.e. larger groups).
+# 1.10 with the work costs halved, i.e. larger groups). With the segments
+# called one by one looped in C++ (``_native_segments``) a call costs less
+# Python; re-measured at 15 / 30 / 45 us: D=128 1.04 / 1.01 / 1.07, D=64
+# 1.10 / 1.19 / 1.05, within the runs' noise, so 30 stays.
 # The host reads the offsets (free on the CPU: no device to wait for); plans are
 # memoized on them (``_cpu_plan``).
 _CPU_CALL_US = 30.0
@@ -253,7 +266,8 @@ class _CpuPlan(NamedTuple):
     ``q_gaps`` / ``k_gaps``: the query / key rows no call writes (outside the
     segments with queries and keys), ``(begin, end)``: 0 / -inf there.
     ``single``: ``(q_begin, q_end, k_begin, k_end)`` of the segments called one
-    by one, ``single_rows`` their query rows in that order. ``groups``:
+    by one, ``single_bounds`` the same as an (S, 4) int64 tensor, ``single_rows``
+    their query rows in that order. ``groups``:
     ``(G, wq, wk, masked)`` per padded batch, in the order of the flat row
     indices ``q_index`` / ``k_index``: each segment's rows, then its last row
     repeated up to the group's width (padded positions read finite rows of
@@ -267,6 +281,7 @@ class _CpuPlan(NamedTuple):
     k_gaps: list
     single: list
     groups: list
+    single_bounds: Optional[torch.Tensor] = None
     single_rows: Optional[torch.Tensor] = None
     q_index: Optional[torch.Tensor] = None
     q_dst: Optional[torch.Tensor] = None
@@ -365,7 +380,8 @@ def _plan(live, Tq, Tk, H, D, dtype, backward) -> _CpuPlan:
     for a, b, _, _ in single:
         single_rows.extend(range(a, b))
     plan = _CpuPlan(_gaps([(a, b) for a, b, _, _ in live], Tq), _gaps([(c, d) for _, _, c, d in live], Tk), single,
-                    groups, torch.frombuffer(single_rows, dtype=torch.int64) if single else None)
+                    groups, torch.tensor(single, dtype=torch.int64).view(-1, 4),
+                    torch.frombuffer(single_rows, dtype=torch.int64) if single else None)
     if not groups:
         return plan
     q_index, q_dst = _padded_index(q_rows, Tq)
@@ -429,6 +445,9 @@ def _cpu_forward(q, k, v, cu_q, cu_k, scale):
         dst = plan.q_dst[qs].view(G, wq)  # padded positions land on the scratch row
         out.index_put_((dst,), o.transpose(1, 2))
         lse_rows.index_put_((dst,), l.transpose(1, 2).to(lse.dtype))
+    if plan.single and _native_segments() is not None:
+        _native_segments()(q, k, v, out, lse, plan.single_bounds, scale)
+        return out[:Tq], lse[:, :Tq].contiguous()
     # Python calls per segment are a visible share of a ~20 us segment call: views made once
     qh, kh, vh, oh = _heads_view(q), _heads_view(k), _heads_view(v), _heads_view(out)
     lses = []

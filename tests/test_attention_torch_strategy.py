@@ -99,6 +99,35 @@ def test_keyless_rows_and_rows_outside_every_segment(strategy):
         assert torch.all(dk[3:7] == 0) and torch.all(dv[3:7] == 0) and torch.all(dk[:3] != 0), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("lens_q,lens_k,H,D", CASES)
+def test_compiled_segment_loop_equals_the_python_loop(strategy, monkeypatch, lens_q, lens_k, H, D, dtype):
+    """The compiled loop over the segments called one by one makes the Python loop's
+    kernel calls: bit-equal outputs and lse, rows outside the segments included."""
+    if ab._native_segments() is None:
+        pytest.skip("setok's compiled library is not loaded")
+    strategy(*STRATEGIES["single"])
+    q, k, v, cu_q, cu_k, _, _ = _inputs(lens_q, lens_k, H, D, dtype)
+    compiled = setok_kernels.varlen_attention(q, k, v, cu_q, cu_k, backend="torch", return_lse=True)
+    monkeypatch.setattr(ab, "_native_segments", lambda: None)
+    python = setok_kernels.varlen_attention(q, k, v, cu_q, cu_k, backend="torch", return_lse=True)
+    for label, c, p in zip(("out", "lse"), compiled, python):
+        assert c.dtype == p.dtype and c.shape == p.shape and c.is_contiguous(), label
+        assert torch.equal(c, p), label
+
+
+def test_compiled_segment_loop_names_a_bad_segment():
+    if ab._native_segments() is None:
+        pytest.skip("setok's compiled library is not loaded")
+    q = torch.randn(5, 1, 4)
+    out, lse = torch.zeros(6, 1, 4), torch.zeros(1, 6)
+    for bounds, what in (([[0, 6, 0, 5]], "outside q"), ([[2, 2, 0, 5]], "is empty"), ([[0, 5, -1, 5]], "outside")):
+        with pytest.raises(RuntimeError, match=rf"segments\[0\] = .*{what}"):
+            ab._native_segments()(q, q, q, out, lse, torch.tensor(bounds), 0.5)
+    with pytest.raises(RuntimeError, match="segments must be an \\(S, 4\\) int64"):
+        ab._native_segments()(q, q, q, out, lse, torch.tensor([[0, 5, 0]]), 0.5)
+
+
 def test_all_segments_empty(strategy):
     q, k, v, cu_q, cu_k = attention_inputs([0, 0], [0, 0], 2, 8, trail=3)
     k, v = torch.randn(2, 2, 8), torch.randn(2, 2, 8)  # keys in no segment

@@ -73,6 +73,22 @@ def test_duplicates_and_ties():
     assert_matches_reference(x.double(), k=3, threshold=0.2, min_clusters=3)
 
 
+@pytest.mark.parametrize("N", [50, 100])  # row blocks / the whole matrix
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_near_equal_distances_below_the_sampled_cut(N, dtype):
+    """Tokens on a shell around token 0, radii 1 + j * 1e-5: their distances to it
+    share the top 12 significant bits the sampled cut keeps, so the k nearest are
+    decided by the exact selection alone."""
+    gen = torch.Generator().manual_seed(N)
+    direction = torch.nn.functional.normalize(torch.randn(N - 1, 3, generator=gen, dtype=torch.float64), dim=1)
+    radius = 1 + torch.randperm(N - 1, generator=gen).to(torch.float64)[:, None] * 1e-5
+    x = torch.cat([torch.zeros(1, 3, dtype=torch.float64), direction * radius])[None].to(dtype)
+    out = assert_matches_reference(x, k=5, min_clusters=2)
+    d2 = (x[0].double() - x[0, 0].double()).square().sum(-1)  # itself included, as in the reference
+    want = torch.exp(-d2.sort().values[:5].mean() / 3)
+    torch.testing.assert_close(out.density[0, 0].double(), want, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 1), (2, 3, 5), (1, 17, 1), (5, 9, 130)])
 def test_odd_shapes_and_k1(shape):
     x = clustered(*shape, groups=2)

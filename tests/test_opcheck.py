@@ -168,6 +168,10 @@ NATIVE_CASES = {
                    first_members(d["labels"], 5), torch.rand(2, 5)),
         lambda d: (torch.randn(2, 5, 4), torch.randn(2, 5), d["x"], d["labels"], d["num"], None, 0.0, None, None),
     ],
+    "native_attention_segments": [
+        lambda d: (torch.randn(9, 2, 8), torch.randn(7, 2, 8), torch.randn(7, 2, 8), torch.zeros(10, 2, 8),
+                   torch.zeros(2, 10), torch.tensor([[0, 4, 0, 3], [5, 9, 3, 7]]), 0.3),
+    ],
     "native_build_info": [lambda d: ()],
 }
 

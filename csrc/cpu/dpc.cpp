@@ -80,9 +80,11 @@ SETOK_SIMD_CLONES double sqdist(const double* a, const double* b, int64_t C) {
 template <typename T, int L>
 __attribute__((always_inline)) inline T dot_lanes(const T* a, const T* b, int64_t C) {
   T acc[L] = {};
-  for (int64_t c0 = 0; c0 < C; c0 += L) {
-    for (int l = 0; l < L && c0 + l < C; ++l) acc[l] += a[c0 + l] * b[c0 + l];
+  int64_t c = 0;
+  for (; c + L <= C; c += L) {
+    for (int l = 0; l < L; ++l) acc[l] += a[c + l] * b[c + l];
   }
+  for (int l = 0; c + l < C; ++l) acc[l] += a[c + l] * b[c + l];
   for (int w = L / 2; w >= 1; w /= 2) {
     for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
   }
@@ -111,27 +113,70 @@ inline const uint8_t* bytes(const bool* valid) {
   return reinterpret_cast<const uint8_t*>(valid);
 }
 
-// The kk-th smallest of n non-negative floats given by their bit patterns
-// (which order like the values): a bitwise binary search whose passes are
-// branch-free counts, far cheaper than a comparison-based selection.
+// The highest set bit of v != 0.
 template <typename U>
-__attribute__((always_inline)) inline U kth_smallest_bits(const U* u, int64_t n, int64_t kk) {
-  U prefix = 0;
-  for (int b = 8 * sizeof(U) - 1; b >= 0; --b) {
+inline int top_bit(U v) {
+  return sizeof(U) == 4 ? 31 - __builtin_clz(static_cast<uint32_t>(v)) : 63 - __builtin_clzll(static_cast<uint64_t>(v));
+}
+
+// The kk-th smallest of n non-negative floats given by their bit patterns
+// (which order like the values), rounded up to the next value whose low
+// `round_bits` bits are all ones (0: exact) but never above the largest:
+// a bitwise binary search whose passes are branch-free counts, far cheaper
+// than a comparison-based selection. The bits every value shares (those
+// above the highest bit where the least and the largest differ; a row's
+// distances share their sign and most exponent bits) take no pass.
+template <typename U>
+__attribute__((always_inline)) inline U kth_smallest_bits(const U* u, int64_t n, int64_t kk, int round_bits) {
+  U lo = ~U(0), hi = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    lo = std::min(lo, u[j]);
+    hi = std::max(hi, u[j]);
+  }
+  if (lo == hi) return lo;
+  const int top = top_bit<U>(lo ^ hi);
+  U prefix = lo & ~((U(2) << top) - 1);  // U(2) << top wraps to 0 for the sign bit: no shared bits
+  for (int b = top; b >= round_bits; --b) {
     const U t = prefix | (U(1) << b);
     uint32_t below = 0;
     for (int64_t j = 0; j < n; ++j) below += u[j] < t;
     if (below < static_cast<uint64_t>(kk)) prefix = t;
   }
-  return prefix;
+  return std::min<U>(prefix | ((U(1) << round_bits) - 1), hi);
 }
 
-SETOK_SIMD_CLONES uint32_t kth_smallest(const uint32_t* u, int64_t n, int64_t kk) {
-  return kth_smallest_bits(u, n, kk);
+SETOK_SIMD_CLONES uint32_t kth_smallest(const uint32_t* u, int64_t n, int64_t kk, int round_bits) {
+  return kth_smallest_bits(u, n, kk, round_bits);
 }
 
-SETOK_SIMD_CLONES uint64_t kth_smallest(const uint64_t* u, int64_t n, int64_t kk) {
-  return kth_smallest_bits(u, n, kk);
+SETOK_SIMD_CLONES uint64_t kth_smallest(const uint64_t* u, int64_t n, int64_t kk, int round_bits) {
+  return kth_smallest_bits(u, n, kk, round_bits);
+}
+
+// The positions (ascending) and values of the u[j] <= cut with valid[j]: a
+// branch-free compaction (every element is written, the count advances for
+// the kept ones), so its cost does not depend on how many pass. Returns
+// their number; index and kept hold N elements.
+template <typename U>
+__attribute__((always_inline)) inline int64_t compact_at_most_impl(const U* u, const uint8_t* valid, int64_t N, U cut,
+                                                                   int64_t* index, U* kept) {
+  int64_t n = 0;
+  for (int64_t j = 0; j < N; ++j) {
+    index[n] = j;
+    kept[n] = u[j];
+    n += static_cast<int64_t>(u[j] <= cut) & valid[j];
+  }
+  return n;
+}
+
+SETOK_SIMD_CLONES int64_t compact_at_most(const uint32_t* u, const uint8_t* valid, int64_t N, uint32_t cut,
+                                          int64_t* index, uint32_t* kept) {
+  return compact_at_most_impl(u, valid, N, cut, index, kept);
+}
+
+SETOK_SIMD_CLONES int64_t compact_at_most(const uint64_t* u, const uint8_t* valid, int64_t N, uint64_t cut,
+                                          int64_t* index, uint64_t* kept) {
+  return compact_at_most_impl(u, valid, N, cut, index, kept);
 }
 
 // Chunks of approximate distances tested at once by chunk_hits.
@@ -215,12 +260,18 @@ SETOK_SIMD_CLONES void approx_bits(const double* g, const double* norm, const ui
 template <typename T, int L>
 __attribute__((always_inline)) inline T centre_row_impl(const T* x, const T* mean, T* out, int64_t C) {
   T acc[L] = {};
-  for (int64_t c0 = 0; c0 < C; c0 += L) {
-    for (int l = 0; l < L && c0 + l < C; ++l) {
-      const T d = x[c0 + l] - mean[c0 + l];
-      out[c0 + l] = d;
+  int64_t c = 0;
+  for (; c + L <= C; c += L) {  // whole blocks of lanes, then the tail: GCC vectorizes only that form
+    for (int l = 0; l < L; ++l) {
+      const T d = x[c + l] - mean[c + l];
+      out[c + l] = d;
       acc[l] += d * d;
     }
+  }
+  for (int l = 0; c + l < C; ++l) {
+    const T d = x[c + l] - mean[c + l];
+    out[c + l] = d;
+    acc[l] += d * d;
   }
   for (int w = L / 2; w >= 1; w /= 2) {
     for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
@@ -326,7 +377,6 @@ struct RowScratch {
   std::vector<bits_t<T>> sample, bits;
   std::vector<int64_t> index;
   std::vector<T> exact, order;
-  std::vector<uint8_t> hits;
 };
 
 // Every kSample-th approximate distance of a row estimates its kk-th smallest.
@@ -341,33 +391,27 @@ T knn_row(const Image<T>& im, int64_t i, const bits_t<T>* u, int64_t kk, RowScra
   using U = bits_t<T>;
   const T tol = im.tol(i);
   auto within = [&](U v) { return to_bits<T>(from_bits<T>(v) + tol); };
-  // the real tokens with u <= cut (cut = all ones: every real token)
-  auto collect = [&](U cut) {
-    s.index.clear();
-    s.bits.clear();
-    for_each_hit(u, im.N, cut, ~U(0), s.hits, [&](int64_t j) {
-      if (u[j] <= cut && im.valid[j]) {
-        s.index.push_back(j);
-        s.bits.push_back(u[j]);
-      }
-    });
-  };
+  s.index.resize(im.N);
+  s.bits.resize(im.N);
+  int64_t n = 0;  // s.index / s.bits [0, n): the real tokens with u <= cut
+  auto collect = [&](U cut) { n = compact_at_most(u, bytes(im.valid), im.N, cut, s.index.data(), s.bits.data()); };
   // a cut from a strided sample usually keeps about 2 kk tokens, so the
-  // selection below runs on those instead of the whole row
+  // selection below runs on those instead of the whole row; it is only an
+  // estimate (checked below), so it is rounded to the top 12 significant bits
   const int64_t ns = im.N / kSample, ks = 2 * ((kk + kSample - 1) / kSample) + 2;
   U cut = ~U(0);
   if (ks < ns) {
     s.sample.resize(ns);
     for (int64_t t = 0; t < ns; ++t) s.sample[t] = u[t * kSample];
-    cut = within(kth_smallest(s.sample.data(), ns, ks));
+    cut = within(kth_smallest(s.sample.data(), ns, ks, std::numeric_limits<T>::digits - 12));
   }
   collect(cut);
-  if (static_cast<int64_t>(s.bits.size()) < kk) collect(cut = ~U(0));
+  if (n < kk) collect(cut = ~U(0));
   // kth is the row's kk-th smallest whenever the kept tokens include kk
-  U bound = within(kth_smallest(s.bits.data(), static_cast<int64_t>(s.bits.size()), kk));
+  U bound = within(kth_smallest(s.bits.data(), n, kk, 0));
   if (bound > cut) collect(cut = bound);  // candidates above the sampled cut
   s.exact.clear();
-  for (size_t t = 0; t < s.bits.size(); ++t) {
+  for (int64_t t = 0; t < n; ++t) {
     if (s.bits[t] > bound) continue;
     const T d = im.dist_once(i, s.index[t]);
     s.exact.push_back(d * d);
