@@ -76,7 +76,7 @@ import torch
 from . import triton_dpc as T
 from ._triton import jit as _jit
 from ._triton import pow2, tl, triton
-from .triton_dpc import KNN_TOL, SNAP, _centred_sq_norms, _channel_stats, _parent_distance, _real_tokens
+from .triton_dpc import KNN_TOL, SNAP, _centred_chunk, _centred_sq_norms, _channel_stats, _parent_distance, _real_tokens
 
 GRAM_BUDGET = 256 << 20  # bytes of the (B, N, N) float32 matrix: W2 (68 MB) with room, one image up to MAX_ROW
 MAX_ROW = 8192  # a row block of the row passes lives in one program's registers
@@ -209,14 +209,10 @@ def _split_dot_tile(
     row_off = rows * stride_n
     col_off = cols * stride_n
     for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        c_ok = offs_c < C
-        sh = tl.load(shift_img + offs_c, mask=c_ok, other=0.0)
-        a = tl.load(x_img + row_off[:, None] + offs_c[None, :] * stride_c, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-        b = tl.load(x_img + col_off[None, :] + offs_c[:, None] * stride_c, mask=c_ok[:, None] & col_ok[None, :], other=0.0)
+        a, b = _centred_chunk(x_img, shift_img, inv_s, row_off, col_off, row_ok, col_ok, stride_c, c0, C, BLOCK_C)
         # tokens that are not real are 0, not -shift: nmax does not bound them
-        a = tl.where(row_ok[:, None], (a.to(tl.float32) * inv_s - sh[None, :]) * up, 0.0)
-        b = tl.where(col_ok[None, :], (b.to(tl.float32) * inv_s - sh[:, None]) * up, 0.0)
+        a = tl.where(row_ok[:, None], a * up, 0.0)
+        b = tl.where(col_ok[None, :], b * up, 0.0)
         a_hi = a.to(tl.float16)
         b_hi = b.to(tl.float16)
         a_lo = (a - a_hi.to(tl.float32)).to(tl.float16)

@@ -151,6 +151,20 @@ def _real_tokens(
 
 
 @_jit
+def _centred_chunk(x_img, shift_img, inv_s, row_off, col_off, row_ok, col_ok, stride_c, c0, C: tl.constexpr,
+                   BLOCK_C: tl.constexpr):
+    """Channels ``[c0, c0 + BLOCK_C)`` of the centred, scaled tokens ``a = x / s - shift``: the rows'
+    as (BLOCK_M, BLOCK_C) and the columns' transposed, (BLOCK_C, BLOCK_N), float32, 0 where not loaded."""
+    # offsets rebuilt per chunk: no 64-bit pointer tiles live across the caller's loop
+    offs_c = c0 + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    sh = tl.load(shift_img + offs_c, mask=c_ok, other=0.0)
+    a = tl.load(x_img + row_off[:, None] + offs_c[None, :] * stride_c, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+    b = tl.load(x_img + col_off[None, :] + offs_c[:, None] * stride_c, mask=c_ok[:, None] & col_ok[None, :], other=0.0)
+    return a.to(tl.float32) * inv_s - sh[None, :], b.to(tl.float32) * inv_s - sh[:, None]
+
+
+@_jit
 def _dot_tile(
     x_img,
     shift_img,
@@ -172,14 +186,7 @@ def _dot_tile(
     row_off = rows * stride_n
     col_off = cols * stride_n
     for c0 in range(0, C, BLOCK_C):
-        # offsets rebuilt per chunk: no 64-bit pointer tiles live across the loop
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        c_ok = offs_c < C
-        sh = tl.load(shift_img + offs_c, mask=c_ok, other=0.0)
-        a = tl.load(x_img + row_off[:, None] + offs_c[None, :] * stride_c, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-        b = tl.load(x_img + col_off[None, :] + offs_c[:, None] * stride_c, mask=c_ok[:, None] & col_ok[None, :], other=0.0)
-        a = a.to(tl.float32) * inv_s - sh[None, :]
-        b = b.to(tl.float32) * inv_s - sh[:, None]
+        a, b = _centred_chunk(x_img, shift_img, inv_s, row_off, col_off, row_ok, col_ok, stride_c, c0, C, BLOCK_C)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     return acc
 
