@@ -126,6 +126,8 @@ def _devices(name: str) -> tuple[str, ...]:
 def build_info() -> dict:
     """What ``python -m setok_kernels.info`` reports about the compiled library."""
     ops = {op: list(_devices(f"native_{op}")) for op in _IMPLS} if _UNAVAILABLE is None else {}
+    if ops:  # not a backend of its own: the torch attention backend's loop over segments on the CPU
+        ops["attention_segments (torch backend)"] = list(_devices("native_attention_segments"))
     return {
         "loaded": _UNAVAILABLE is None,
         "path": _PATH,

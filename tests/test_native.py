@@ -249,6 +249,7 @@ def test_auto_picks_native_on_cpu_and_build_info():
     info = _native.build_info()
     assert info["built_for_torch"] == torch.__version__.split("+")[0]
     assert "cpu" in info["ops"]["dpc_cluster"] and "cpu" in info["ops"]["pack_clusters"]
+    assert info["ops"]["attention_segments (torch backend)"] == ["cpu"]
 
 
 # ------------------------------------------------- SeTok's cap, offsets, magnitudes
