@@ -153,8 +153,9 @@ def _real_tokens(
 @_jit
 def _centred_chunk(x_img, shift_img, inv_s, row_off, col_off, row_ok, col_ok, stride_c, c0, C: tl.constexpr,
                    BLOCK_C: tl.constexpr):
-    """Channels ``[c0, c0 + BLOCK_C)`` of the centred, scaled tokens ``a = x / s - shift``: the rows'
-    as (BLOCK_M, BLOCK_C) and the columns' transposed, (BLOCK_C, BLOCK_N), float32, 0 where not loaded."""
+    """Channels ``[c0, c0 + BLOCK_C)`` of the centred, scaled tokens ``a = x / s - shift``, float32: the
+    rows' as (BLOCK_M, BLOCK_C), the columns' transposed as (BLOCK_C, BLOCK_N). A row or column left
+    out by ``row_ok`` / ``col_ok`` reads x = 0 (so holds -shift); channels past C are 0."""
     # offsets rebuilt per chunk: no 64-bit pointer tiles live across the caller's loop
     offs_c = c0 + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
