@@ -266,8 +266,7 @@ class _CpuPlan(NamedTuple):
     ``q_gaps`` / ``k_gaps``: the query / key rows no call writes (outside the
     segments with queries and keys), ``(begin, end)``: 0 / -inf there.
     ``single``: ``(q_begin, q_end, k_begin, k_end)`` of the segments called one
-    by one, ``single_bounds`` the same as an (S, 4) int64 tensor, ``single_rows``
-    their query rows in that order. ``groups``:
+    by one, ``single_bounds`` the same as an (S, 4) int64 tensor. ``groups``:
     ``(G, wq, wk, masked)`` per padded batch, in the order of the flat row
     indices ``q_index`` / ``k_index``: each segment's rows, then its last row
     repeated up to the group's width (padded positions read finite rows of
@@ -282,7 +281,6 @@ class _CpuPlan(NamedTuple):
     single: list
     groups: list
     single_bounds: Optional[torch.Tensor] = None
-    single_rows: Optional[torch.Tensor] = None
     q_index: Optional[torch.Tensor] = None
     q_dst: Optional[torch.Tensor] = None
     k_index: Optional[torch.Tensor] = None
@@ -376,12 +374,8 @@ def _plan(live, Tq, Tk, H, D, dtype, backward) -> _CpuPlan:
                 k_rows.extend(repeat(d - 1, wk - d + c))
         groups.append((len(segs), wq, wk, any(d - c < wk for _, _, c, d in segs)))
     single.sort()
-    single_rows = array("q")
-    for a, b, _, _ in single:
-        single_rows.extend(range(a, b))
     plan = _CpuPlan(_gaps([(a, b) for a, b, _, _ in live], Tq), _gaps([(c, d) for _, _, c, d in live], Tk), single,
-                    groups, torch.tensor(single, dtype=torch.int64).view(-1, 4),
-                    torch.frombuffer(single_rows, dtype=torch.int64) if single else None)
+                    groups, torch.tensor(single, dtype=torch.int64).view(-1, 4))
     if not groups:
         return plan
     q_index, q_dst = _padded_index(q_rows, Tq)
@@ -445,22 +439,27 @@ def _cpu_forward(q, k, v, cu_q, cu_k, scale):
         dst = plan.q_dst[qs].view(G, wq)  # padded positions land on the scratch row
         out.index_put_((dst,), o.transpose(1, 2))
         lse_rows.index_put_((dst,), l.transpose(1, 2).to(lse.dtype))
-    if plan.single and _native_segments() is not None:
-        _native_segments()(q, k, v, out, lse, plan.single_bounds, scale)
-        return out[:Tq], lse[:, :Tq].contiguous()
+    if plan.single:
+        (_native_segments() or _python_segments)(q, k, v, out, lse, plan.single_bounds, scale)
+    return out[:Tq], lse[:, :Tq].contiguous()
+
+
+def _python_segments(q, k, v, out, lse, bounds, scale):
+    """``native_attention_segments`` without the compiled library: the kernel per
+    segment of ``bounds`` (S, 4), its output into ``out``'s rows, its lse into ``lse``."""
+    fwd, _ = _cpu_flash()
     # Python calls per segment are a visible share of a ~20 us segment call: views made once
     qh, kh, vh, oh = _heads_view(q), _heads_view(k), _heads_view(v), _heads_view(out)
-    lses = []
-    for a, b, c, d in plan.single:
+    lses, rows = [], []
+    for a, b, c, d in bounds.tolist():
         # the output written at once (holding every segment's until the end is slower:
         # allocator), by narrow().copy_() (a Python slice assignment costs as much as the
         # copy); the small lse rows held and written in one copy
         o, l = fwd(qh.narrow(2, a, b - a), kh.narrow(2, c, d - c), vh.narrow(2, c, d - c), 0.0, False, scale=scale)
         oh.narrow(2, a, b - a).copy_(o)
         lses.append(l)
-    if lses:
-        lse.index_copy_(1, plan.single_rows, torch.cat(lses, 2)[0].to(lse.dtype))
-    return out[:Tq], lse[:, :Tq].contiguous()
+        rows.append(torch.arange(a, b))
+    lse.index_copy_(1, torch.cat(rows), torch.cat(lses, 2)[0].to(lse.dtype))
 
 
 def _with_lse_gradient(dout, dlse, q, k, v, out):

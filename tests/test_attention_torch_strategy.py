@@ -108,9 +108,15 @@ def test_compiled_segment_loop_equals_the_python_loop(strategy, monkeypatch, len
         pytest.skip("setok's compiled library is not loaded")
     strategy(*STRATEGIES["single"])
     q, k, v, cu_q, cu_k, _, _ = _inputs(lens_q, lens_k, H, D, dtype)
-    compiled = setok_kernels.varlen_attention(q, k, v, cu_q, cu_k, backend="torch", return_lse=True)
-    monkeypatch.setattr(ab, "_native_segments", lambda: None)
-    python = setok_kernels.varlen_attention(q, k, v, cu_q, cu_k, backend="torch", return_lse=True)
+    ran, results = [], {}
+    for name, loop in (("compiled", ab._native_segments()), ("python", ab._python_segments)):
+        def counted(*args, loop=loop, name=name):
+            ran.append(name)
+            return loop(*args)
+        monkeypatch.setattr(ab, "_native_segments", lambda counted=counted: counted)
+        results[name] = setok_kernels.varlen_attention(q, k, v, cu_q, cu_k, backend="torch", return_lse=True)
+    assert ran == ["compiled", "python"], "each loop ran once"
+    compiled, python = results["compiled"], results["python"]
     for label, c, p in zip(("out", "lse"), compiled, python):
         assert c.dtype == p.dtype and c.shape == p.shape and c.is_contiguous(), label
         assert torch.equal(c, p), label
